@@ -20,6 +20,15 @@ EPS = float(torch.finfo(torch.float32).eps)
 HIST_SCHEMES = ["tf_enhanced", "percentile", "mse"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """These tensors are small: intra-op threads only add contention on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
