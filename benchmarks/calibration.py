@@ -1,0 +1,43 @@
+"""compute_encodings time / float forward time over the same batches, per scheme; peak tensor memory."""
+from __future__ import annotations
+
+import torch
+
+from quantsim import QuantizationSimModel
+
+from .common import Table, interleaved_medians, peak_tensor_bytes
+from .models import batches, make_model
+
+SCHEMES = ["min_max", "tf_enhanced", "percentile", "mse"]
+TARGETS = {"min_max": 1.3, "tf_enhanced": 2.0, "percentile": 2.0, "mse": 2.0}
+
+
+def run(quick: bool = False, models=("resnet18", "mobilenet_v2")) -> list[Table]:
+    n_batches, batch = (2, 8) if quick else (8, 16)
+    table = Table(
+        "calibration: compute_encodings time / float forward time (same batches)",
+        ["model", "scheme", "ratio", "target", "ok", "peak mem ratio"],
+        notes=[f"{n_batches} batches of {batch}; medians of interleaved repeats; peak = tensor bytes allocated"],
+    )
+    for name in models:
+        model = make_model(name, quick)
+        data = batches(n_batches, batch, quick)
+        sims = {s: QuantizationSimModel(model, quant_scheme=s) for s in SCHEMES}
+        if "percentile" in sims:
+            sims["percentile"].set_percentile_value(99.99)
+
+        def float_pass():
+            with torch.no_grad():
+                for x in data:
+                    model(x)
+
+        fns = {"float": float_pass}
+        for s, sim in sims.items():
+            fns[s] = lambda sim=sim: sim.compute_encodings(data, progress=False)
+        med = interleaved_medians(fns, repeats=3 if quick else 5)
+        float_peak = peak_tensor_bytes(float_pass)
+        for s in SCHEMES:
+            ratio = med[s] / med["float"]
+            mem = peak_tensor_bytes(fns[s]) / max(float_peak, 1)
+            table.add(name, s, ratio, TARGETS[s], "yes" if ratio <= TARGETS[s] else "NO", mem)
+    return [table]

@@ -1,0 +1,144 @@
+"""Shared benchmark machinery: interleaved repeated timing (medians and ratios), peak tensor memory, tables.
+
+These machines are noisy: every comparison runs its candidates interleaved in one process and reports the
+median of repeats and ratios against a baseline measured in the same run, never a lone absolute time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1) -> dict[str, float]:
+    """Median wall time (s) of each callable, run round-robin so machine noise hits all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+class _PeakTensorMemory(TorchDispatchMode):
+    """Tracks the bytes of live tensor storages created by ops (autograd's saved tensors included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key in self._seen or st.nbytes() == 0:
+            return
+        self._seen.add(key)
+        nbytes = st.nbytes()
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+        def release(key=key, nbytes=nbytes):
+            self.live -= nbytes
+            self._seen.discard(key)
+
+        weakref.finalize(st, release)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                self._track(t)
+        return out
+
+
+def peak_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of tensors allocated by `fn` on top of what already existed (activations, grads, temps)."""
+    mode = _PeakTensorMemory()
+    with mode:
+        fn()
+    return mode.peak
+
+
+def machine_info() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+@dataclass
+class Table:
+    """A titled result table that prints as text and serialises to JSON/markdown."""
+
+    title: str
+    headers: list[str]
+    rows: list[list] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, *row) -> None:
+        self.rows.append(list(row))
+
+    @staticmethod
+    def _fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    def text(self) -> str:
+        cells = [self.headers] + [[self._fmt(v) for v in r] for r in self.rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(self.headers))]
+        lines = [self.title, "  ".join(h.ljust(w) for h, w in zip(cells[0], widths)),
+                 "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells[1:]]
+        lines += [f"  {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.headers) + " |",
+                 "|" + "---|" * len(self.headers)]
+        lines += ["| " + " | ".join(self._fmt(v) for v in r) + " |" for r in self.rows]
+        if self.notes:
+            lines += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def as_dict(self) -> dict:
+        return {"title": self.title, "headers": self.headers, "rows": self.rows, "notes": self.notes}
+
+
+def save_results(tables: list[Table], json_path: str | None, md_path: str | None, command: str) -> None:
+    info = machine_info()
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"machine": info, "command": command, "tables": [t.as_dict() for t in tables]}, f, indent=2)
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(f"Command: `{command}`  \nMachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}\n\n")
+            f.write("\n".join(t.markdown() for t in tables))

@@ -1,0 +1,38 @@
+"""The benchmark models at their benchmark sizes, with realistic BatchNorm statistics."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantsim.batchnorm import reestimate_bn_stats
+from quantsim.models import mobilenet_v2, resnet18
+
+#: name -> (builder, input shape at batch 1); quick mode uses smaller images.
+MODELS = {
+    "resnet18": lambda: resnet18(num_classes=10, in_channels=3),
+    "mobilenet_v2": lambda: mobilenet_v2(num_classes=10, in_channels=3),
+}
+
+
+def input_size(quick: bool) -> int:
+    return 64 if quick else 112
+
+
+def make_model(name: str, quick: bool, seed: int = 0) -> nn.Module:
+    """A model with non-degenerate BN statistics (re-estimated on random images), in eval mode."""
+    torch.manual_seed(seed)
+    model = MODELS[name]()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    s = input_size(quick)
+    g = torch.Generator().manual_seed(seed)
+    reestimate_bn_stats(model, [torch.randn(8, 3, s, s, generator=g) for _ in range(2)], progress=False)
+    return model.eval()
+
+
+def batches(n: int, batch: int, quick: bool, seed: int = 1) -> list[torch.Tensor]:
+    s = input_size(quick)
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, s, s, generator=g) for _ in range(n)]
