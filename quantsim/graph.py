@@ -53,7 +53,8 @@ TRANSPARENT_CALLS = {
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
     operator.getitem, torch.chunk, torch.split, F.dropout, torch.t,
     "flatten", "reshape", "view", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "chunk",
-    "split", "expand", "expand_as", "repeat", "t", "to", "float", "type_as", "clone", "detach",
+    "split", "expand", "expand_as", "repeat", "t", "to", "float", "type_as", "clone", "detach", "unflatten",
+    torch.unflatten,
 }
 
 #: call_function / call_method targets whose result is not a tensor.
