@@ -9,25 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from export.encodings import grid  # the grid is defined once, on the torch-free side (re-exported here)
+
+__all__ = ["SCALE_EPS", "grid", "encoding_from_range", "range_from_encoding", "fake_quantize",
+           "fake_quantize_learnable", "quantize"]
+
 #: Smallest scale an encoding may have: an all-zero tensor still gets a valid (tiny) grid.
 SCALE_EPS = float(torch.finfo(torch.float32).eps)
-
-
-def grid(bitwidth: int, symmetric: bool, strict: bool = False, unsigned: bool = False) -> tuple[int, int]:
-    """(qmin, qmax) of the integer grid.
-
-    asymmetric and unsigned symmetric: [0, 2^b-1]; symmetric: [-2^(b-1), 2^(b-1)-1];
-    strict symmetric drops -2^(b-1) so the grid is sign-balanced.
-    """
-    if not 1 <= int(bitwidth) <= 32:
-        raise ValueError(f"bitwidth must be in [1, 32], got {bitwidth}")
-    b = int(bitwidth)
-    if not symmetric or unsigned:
-        return 0, 2**b - 1
-    qmin, qmax = -(2 ** (b - 1)), 2 ** (b - 1) - 1
-    if strict:
-        qmin += 1
-    return qmin, qmax
 
 
 def encoding_from_range(
