@@ -7,12 +7,15 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 ARGS   ?=
 
-.PHONY: demo test install clean
+.PHONY: demo test docs install clean
 demo: $(STAMP)
 	$(PY) -m quantsim.demo $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 install: $(STAMP)
 

@@ -1,8 +1,10 @@
 """Integer grids and encodings, AIMET v2 semantics (derivations in docs/math.md).
 
-An encoding is (scale, offset) with AIMET's sign convention: offset = -zero_point.
+An encoding is (scale, offset) with AIMET's sign convention: offset = -zero_point::
+
     q     = clamp(round(x / scale) - offset, qmin, qmax)
     x_hat = (q + offset) * scale
+
 Rounding is half-to-even (torch.round / the fused fake-quant kernels).
 """
 from __future__ import annotations
@@ -23,9 +25,11 @@ def encoding_from_range(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, offset) for an observed range; the range is first widened to include 0.
 
-    asymmetric: scale = (max-min)/(qmax-qmin), offset = round(min/scale) - qmin.
-    symmetric:  scale = max(max/qmax, min/qmin) (qmin < 0), offset = 0;
-                on an unsigned grid (qmin == 0): scale = max/qmax, offset = 0.
+    ::
+
+        asymmetric: scale = (max-min)/(qmax-qmin), offset = round(min/scale) - qmin
+        symmetric:  scale = max(max/qmax, min/qmin) (qmin < 0), offset = 0
+                    on an unsigned grid (qmin == 0): scale = max/qmax, offset = 0
     """
     min_ = torch.as_tensor(min_, dtype=torch.float32).clamp(max=0.0)
     max_ = torch.as_tensor(max_, dtype=torch.float32).clamp(min=0.0)
