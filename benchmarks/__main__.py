@@ -8,9 +8,11 @@ import sys
 
 from .common import machine_info, save_results
 
-#: sub-command -> module in this package exposing run(quick: bool) -> list[Table]
+#: sub-command -> module in this package exposing run(quick: bool) -> list[Table] ("module:function" for another name)
 SUITES = {
     "calibration": "calibration",
+    "ort": "ort",
+    "fidelity": "ort:run_fidelity",
 }
 
 
@@ -32,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info['cpu']} | {info['cores']} cores | torch {info['torch']} | threads {info['torch_threads']}")
     tables = []
     for suite in args.suites or list(SUITES):
-        module = importlib.import_module(f".{SUITES[suite]}", __package__)
-        for table in module.run(quick=args.quick):
+        modname, _, fn = SUITES[suite].partition(":")
+        module = importlib.import_module(f".{modname}", __package__)
+        for table in getattr(module, fn or "run")(quick=args.quick):
             print()
             print(table.text())
             tables.append(table)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -198,6 +199,7 @@ class _Builder:
         self.act: dict[str, TensorEncoding] = {}
         self._const_cache: dict[str, np.ndarray] = {}
         self.uses_16bit = False
+        self.float_nodes: set[str] = set()  # nodes made by rewrites that run in float between a DQ and a Q
 
     # -- helpers -------------------------------------------------------------------------------------------------------
     def is_const(self, name: str) -> bool:
@@ -323,6 +325,8 @@ class _Builder:
         data_outputs = [o for o in node.output if o]
         if data_outputs and not any(self.is_float(o) for o in data_outputs):
             return  # shape arithmetic on int64 tensors
+        if node.name and node.name in self.float_nodes:
+            return
         if op in COMPUTE_OPS:
             self.check_compute(node)
         elif op in BINARY_OPS:
@@ -331,11 +335,14 @@ class _Builder:
             others = [x for x in ins if x not in const_plain]
             if const_plain and others and all(not self.has_act(x) and self.from_float_output(x) for x in others):
                 return  # float bias/scale epilogue of MatMulIntegerToFloat / QGemm with float output
+            for x in const_plain:
+                if self.is_float(x) and self.const(x).size == 1:  # e.g. attention's 1/sqrt(d): exact on a 1-step grid
+                    self.enc.activations[x] = exact_scalar_encoding(x, float(self.const(x).reshape(-1)[0]))
             for x in ins:
                 if not self.has_act(x):
                     raise QDQError(f"{label}: input '{x}' has no encoding; {op} needs all inputs and its output "
                                    "quantized to become QLinear" + op, node=node.name, tensor=x)
-            self.need_output(node)
+            self.need_output_or_epilogue(node)
         elif op in VARIADIC_OPS or op in UNARY_OPS:
             for x in ([node.input[0]] if op in UNARY_OPS else [x for x in node.input if x]):
                 if not self.has_act(x):
@@ -352,6 +359,17 @@ class _Builder:
         """True if `name` is the unencoded output of a Gemm/MatMul (an integer kernel with float output)."""
         p = self.producer.get(name)
         return p is not None and p.op_type in ("Gemm", "MatMul") and name not in self.act
+
+    def need_output_or_epilogue(self, node) -> None:
+        """The output is encoded, or its only consumer is a Relu/Clip with an encoded output that the Q makes redundant
+        (onnxruntime's ClipQuantFusion removes it, e.g. Add -> Relu -> Q becomes QLinearAdd)."""
+        if node.output[0] in self.act:
+            return
+        clip = self.epilogue(node)
+        if clip is None:
+            self.need_output(node)
+        else:
+            self.check_epilogue(node, clip)
 
     def need_output(self, node) -> None:
         if node.output[0] not in self.act:
@@ -542,6 +560,149 @@ class _Builder:
         return self.model
 
 
+def exact_scalar_encoding(name: str, value: float) -> TensorEncoding:
+    """An 8-bit asymmetric encoding on which the scalar `value` is exact: scale |value|, q = 1 (or 0 with offset -1)."""
+    v = float(np.float32(value))
+    if not np.isfinite(v):
+        raise QDQError(f"constant '{name}' is not finite ({v})", tensor=name)
+    if v == 0.0:
+        return TensorEncoding(name, 8, False, np.float32(1.0), 0, 0, 255)
+    return TensorEncoding(name, 8, False, np.float32(abs(v)), 0 if v > 0 else -1, 0, 255)
+
+
+def _rank_map(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - best effort
+        inferred = model
+    ranks = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.output) + list(inferred.graph.value_info):
+        t = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and t.HasField("shape"):
+            ranks[vi.name] = len(t.shape.dim)
+    return ranks
+
+
+def _fold_bn_into_layer(g, layer, bn, te: TensorEncoding, w: np.ndarray, k: np.ndarray, c: np.ndarray,
+                        axis: int, plan: _Plan, enc: Encodings) -> None:
+    """Conv/Gemm -> BN becomes one Conv/Gemm whose weight keeps its integer values: channel c scales by |k_c| (the
+    sign moves into the integers; an int8 -128 negated saturates to 127 with a warning) and the bias absorbs BN."""
+    n_out = w.shape[axis]
+    per_channel = te.per_channel
+    q = quantize_array(w, te.scale, te.offset, te.qmin, te.qmax, axis if per_channel else None)
+    s = np.broadcast_to(te.scale.astype(np.float64), (n_out,)) if per_channel else np.full(n_out, float(te.scale))
+    o = np.broadcast_to(te.offset, (n_out,)).astype(np.int64) if per_channel else np.full(n_out, int(te.offset))
+    shape = [1] * w.ndim
+    shape[axis] = n_out
+    neg = (k < 0).reshape(shape)
+    zero = (k == 0).reshape(shape)
+    o_b = o.reshape(shape)
+    if te.symmetric:
+        flipped = -q
+        clipped = int(np.count_nonzero(neg & (flipped > te.qmax)))
+        if clipped:
+            warnings.warn(f"{bn.name}: folding a negative BatchNorm scale into '{layer.input[1]}' saturates "
+                          f"{clipped} weight(s) at {te.qmin} to {te.qmax} (one step off)", stacklevel=4)
+        q_new = np.where(neg, np.clip(flipped, te.qmin, te.qmax), q)
+        o_new = np.zeros(n_out, np.int64)
+    else:
+        q_new = np.where(neg, te.qmin + te.qmax - q, q)
+        o_new = np.where(k < 0, -(te.qmin + te.qmax) - o, o)
+    q_new = np.where(zero, -o_b, q_new)
+    scale = np.where(k == 0, s, s * np.abs(k)).astype(np.float32)
+    if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+        raise QDQError(f"{bn.name}: folding it into '{layer.name}' gives a weight scale that is 0 or not finite",
+                       node=bn.name)
+    w_new = ((q_new + o_new.reshape(shape)).astype(np.float32) * scale.reshape(shape)).astype(np.float32)
+    w_name = plan.init(f"{layer.input[1]}_bn_folded", w_new)
+    enc.params[w_name] = TensorEncoding(w_name, te.bitwidth, te.symmetric, scale, o_new, te.qmin, te.qmax, axis)
+    bias = np.zeros(n_out, np.float64)
+    if len(layer.input) > 2 and layer.input[2]:
+        b = numpy_helper.to_array(next(i for i in g.initializer if i.name == layer.input[2])).astype(np.float64)
+        bias = np.broadcast_to(b.reshape(-1), (n_out,)) if b.size in (1, n_out) else None
+        if bias is None:
+            raise QDQError(f"{layer.name}: bias of {b.size} values for {n_out} channels", node=layer.name)
+    b_name = plan.init(f"{layer.name or layer.output[0]}_bias_bn_folded", (bias * k + c).astype(np.float32))
+    layer.input[1] = w_name
+    if len(layer.input) > 2:
+        layer.input[2] = b_name
+    else:
+        layer.input.append(b_name)
+    layer.output[0] = bn.output[0]
+
+
+def _rewrite_batchnorms(model: onnx.ModelProto, enc: Encodings) -> set[str]:
+    """BatchNormalization (inference form) -> folded into the Conv/Gemm before it when that layer's output feeds only
+    the BN, has no encoding and its weight has one; otherwise Mul + Add with float constants that run between the
+    BN input's DQ and its output's Q (names returned). The float model and the encodings file keep the BN."""
+    g = model.graph
+    if not any(n.op_type == "BatchNormalization" for n in g.node):
+        return set()
+    inits = {i.name: i for i in g.initializer}
+    outputs = {o.name for o in g.output}
+    producer = {o: n for n in g.node for o in n.output if o}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for x in n.input:
+            if x:
+                readers[x] = readers.get(x, 0) + 1
+    plan = _Plan()
+    plan.names.update(x for n in g.node for x in list(n.input) + list(n.output) + [n.name] if x)
+    plan.names.update(inits)
+    ranks = _rank_map(model)
+    float_nodes: set[str] = set()
+    new_nodes = []
+    for node in g.node:
+        if node.op_type != "BatchNormalization":
+            new_nodes.append(node)
+            continue
+        label = f"node '{node.name or node.output[0]}' (BatchNormalization)"
+        if any(o for o in node.output[1:]) or int(_attr(node, "training_mode", 0)):
+            raise QDQError(f"{label}: training-mode BatchNormalization cannot be exported", node=node.name)
+        x = node.input[0]
+        params = list(node.input[1:5])
+        if any(p not in inits for p in params):
+            raise QDQError(f"{label}: scale/bias/mean/var must be constants", node=node.name)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64).reshape(-1) for p in params)
+        eps = float(_attr(node, "epsilon", 1e-5))
+        k = gamma / np.sqrt(var + eps)
+        c = beta - mean * k
+        layer = producer.get(x)
+        te = enc.get(layer.input[1]) if layer is not None and len(layer.input) > 1 else None
+        axis = None
+        if layer is not None and layer.op_type == "Conv":
+            axis = 0
+        elif layer is not None and layer.op_type == "Gemm" and float(_attr(layer, "alpha", 1.0)) == 1.0 \
+                and float(_attr(layer, "beta", 1.0)) == 1.0:
+            axis = 0 if int(_attr(layer, "transB", 0)) else 1
+        foldable = (axis is not None and readers.get(x, 0) == 1 and x not in outputs and enc.get(x) is None
+                    and layer.input[1] in inits and te is not None and not te.is_float
+                    and (not te.per_channel or te.channel_axis in (None, axis))
+                    and (len(layer.input) < 3 or not layer.input[2] or layer.input[2] in inits))
+        if foldable:
+            w = numpy_helper.to_array(inits[layer.input[1]]).astype(np.float32)
+            foldable = w.shape[axis] == k.size
+        if foldable:
+            _fold_bn_into_layer(g, layer, node, te, w, k, c, axis, plan, enc)
+            continue
+        rank = ranks.get(x)
+        if rank is None or rank < 2:
+            raise QDQError(f"{label}: cannot fold it into a preceding Conv/Gemm and the rank of its input '{x}' is "
+                           "unknown", node=node.name, tensor=x)
+        shape = (k.size,) + (1,) * (rank - 2)
+        k_name = plan.init(f"{node.name or node.output[0]}_scale", k.astype(np.float32).reshape(shape))
+        c_name = plan.init(f"{node.name or node.output[0]}_shift", c.astype(np.float32).reshape(shape))
+        mid = plan.fresh(f"{node.output[0]}_scaled")
+        mul = helper.make_node("Mul", [x, k_name], [mid], name=plan.fresh(f"{node.name or 'bn'}/Mul"))
+        add = helper.make_node("Add", [mid, c_name], [node.output[0]], name=plan.fresh(f"{node.name or 'bn'}/Add"))
+        float_nodes.update((mul.name, add.name))
+        new_nodes.extend([mul, add])
+    del g.node[:]
+    g.node.extend(new_nodes)
+    g.initializer.extend(plan.initializers)
+    return float_nodes
+
+
 def build_qdq(float_model: onnx.ModelProto, enc: Encodings, options: QDQOptions | None = None,
               **kwargs) -> onnx.ModelProto:
     """A QDQ model of `float_model` with the encodings of `enc` (the input model is not modified).
@@ -563,7 +724,9 @@ def build_qdq(float_model: onnx.ModelProto, enc: Encodings, options: QDQOptions 
     enc.activations, enc.params = dict(enc.activations), dict(enc.params)
     enc.assign_params(model)
     validate(enc, model)
+    float_nodes = _rewrite_batchnorms(model, enc)
     builder = _Builder(model, enc, opts)
+    builder.float_nodes = float_nodes
     out = builder.build()
     if builder.uses_16bit and _opset(out) < 21:
         for o in out.opset_import:

@@ -1,11 +1,13 @@
-"""BatchNorm utilities that do not need the quantization sim: exact statistics re-estimation, frozen-BN
-QAT, and folding BatchNorm into the neighbouring Conv / ConvTranspose / Linear.
+"""BatchNorm utilities: exact statistics re-estimation, frozen-BN QAT, folding BatchNorm into the neighbouring
+Conv / ConvTranspose / Linear, and folding it into a QuantizationSimModel's quantization scales after QAT.
 
-The math (pooled moments, folding formulas, when BN->Conv folding is exact) is in docs/batchnorm_math.md.
+The math (pooled moments, folding formulas, when BN->Conv folding is exact, fold-to-scale) is in
+docs/batchnorm_math.md; the workflow in docs/batchnorm.md.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -14,7 +16,11 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import numerics
+from .config import NodePlacement, find_bn_folds, place
 from .graph import op_type_of, trace
+from .ir import OpGraph
+from .qmodule import QuantizationMixin, is_quantized
 from .utils import run_batches
 
 __all__ = [
@@ -30,6 +36,8 @@ __all__ = [
     "fold_bn_into_next_conv",
     "fold_all_batch_norms",
     "FoldedPairs",
+    "fold_all_batch_norms_to_scale",
+    "reestimate_and_fold",
 ]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -275,9 +283,17 @@ def unfreeze_bn_stats(model: nn.Module) -> None:
 # ============================================================================ finding pairs
 
 
+def _layer_class(module: nn.Module) -> type:
+    """The module's own class; for a sim's Quantized<Layer>, the wrapped layer class."""
+    cls = type(module)
+    return cls.__bases__[-1] if QuantizationMixin in cls.__bases__ else cls
+
+
 def _is_stock(module: nn.Module, *methods: str) -> bool:
-    """True when the module computes what its torch base class does (a subclass may not override forward)."""
-    return all(getattr(getattr(type(module), m, None), "__module__", "").startswith("torch.") for m in methods)
+    """True when the module computes what its torch base class does (a subclass may not override forward).
+    A sim's quantized layer counts as its wrapped class: the mixin only adds quantizers around it."""
+    cls = _layer_class(module)
+    return all(getattr(getattr(cls, m, None), "__module__", "").startswith("torch.") for m in methods)
 
 
 def _foldable_layer(m: nn.Module) -> bool:
@@ -350,14 +366,18 @@ def find_bn_layer_pairs(model: nn.Module) -> list[tuple[str, str]]:
 # ============================================================================ folding
 
 
-def _bn_affine(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) in float64 with BN_eval(x) = scale * x + shift per channel."""
+def _bn_affine(bn: _BatchNorm, gamma: torch.Tensor | None = None,
+               beta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) in float64 with BN_eval(x) = scale * x + shift per channel (gamma/beta: override the
+    BN's own, e.g. by their fake-quantized values)."""
     if not _tracks_stats(bn):
         raise ValueError(f"{type(bn).__name__} has no running statistics (track_running_stats=False)")
     mean = bn.running_mean.detach().double()
     sigma = torch.sqrt(bn.running_var.detach().double() + bn.eps)
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean)
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
+    gamma = gamma if gamma is not None else bn.weight
+    beta = beta if beta is not None else bn.bias
+    gamma = gamma.detach().double() if gamma is not None else torch.ones_like(mean)
+    beta = beta.detach().double() if beta is not None else torch.zeros_like(mean)
     scale = gamma / sigma
     return scale, beta - mean * scale
 
@@ -371,7 +391,8 @@ def _set_bias(layer: nn.Module, bias64: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def fold_bn_into_layer(layer: nn.Module, bn: _BatchNorm) -> torch.Tensor:
+def fold_bn_into_layer(layer: nn.Module, bn: _BatchNorm, gamma: torch.Tensor | None = None,
+                       beta: torch.Tensor | None = None) -> torch.Tensor:
     """Fold `bn` (which follows `layer`) into the layer's weight and bias in place; returns gamma/sigma per
     output channel, the factor the weight was scaled by. The caller removes the BN.
     Math: docs/batchnorm_math.md, "Folding a BN into the layer before it"."""
@@ -380,7 +401,7 @@ def fold_bn_into_layer(layer: nn.Module, bn: _BatchNorm) -> torch.Tensor:
     out = _out_channels(layer)
     if bn.num_features != out:
         raise ValueError(f"BatchNorm has {bn.num_features} channels, the layer has {out} output channels")
-    scale, shift = _bn_affine(bn)
+    scale, shift = _bn_affine(bn, gamma, beta)
     scale, shift = scale.to(layer.weight.device), shift.to(layer.weight.device)
     w = layer.weight.detach().double()
     k = (1,) * (w.dim() - 2)
@@ -494,3 +515,255 @@ def fold_all_batch_norms(model: nn.Module, fold_backward: bool = True, fold_forw
         _replace_with_identity(model, bn_path)
         done_f.append((bn_path, conv_path))
     return FoldedPairs(done_b, done_f)
+
+
+# ============================================================================ folding into a QuantizationSimModel
+
+
+class _NotFoldable(Exception):
+    """A pair that fold_all_batch_norms_to_scale leaves in place (the message says why)."""
+
+
+def _active(q) -> bool:
+    return q is not None and q.enabled
+
+
+def _sim_pairs(sim) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(layer->BN pairs, BN->conv pairs) of a sim: the placement's fused pairs, read off sim.graph, and the
+    BN->conv edges, both filtered by the same module checks as find_layer_bn_pairs."""
+    graph, model = sim.graph, sim.model
+    modules = dict(model.named_modules())
+    backward = []
+    for layer_path, bn_path in find_bn_folds(graph).items():
+        layer, bn = modules.get(layer_path), modules.get(bn_path)
+        if layer is None or bn is None or not (_foldable_layer(layer) and _foldable_bn(bn)):
+            continue
+        if bn.num_features != _out_channels(layer):
+            continue
+        if isinstance(layer, nn.Linear) and not isinstance(bn, nn.BatchNorm1d):
+            continue
+        backward.append((layer_path, bn_path))
+    folded = {b for _, b in backward}
+    forward = []
+    for node in graph:
+        bn = modules.get(node.name)
+        if node.name in folded or bn is None or not _foldable_bn(bn) or node.is_model_output:
+            continue
+        users = list(dict.fromkeys(graph.consumers(node.name)))
+        if len(users) != 1 or graph[users[0]].inputs != (node.name,):
+            continue
+        conv = modules.get(users[0])
+        if conv is not None and isinstance(conv, _CONV) and _foldable_layer(conv) and conv.in_channels == bn.num_features:
+            forward.append((node.name, users[0]))
+    return backward, forward
+
+
+def _quantized_value(module: nn.Module, name: str) -> torch.Tensor | None:
+    """A parameter as the sim uses it: fake-quantized when its quantizer is active."""
+    p = getattr(module, name, None)
+    if p is None:
+        return None
+    q = module.param_quantizers[name] if is_quantized(module) and name in module.param_quantizers else None
+    return q(p) if _active(q) and q.is_initialized() else p
+
+
+def _check_backward_fold(layer: nn.Module, bn: nn.Module) -> None:
+    if not is_quantized(layer):
+        return
+    if _active(layer.output_quantizers[0]):
+        raise _NotFoldable("the layer's own output is quantized (the BN is not fused with it), so folding would "
+                           "remove a quantization step")
+    if is_quantized(bn) and any(_active(q) for q in bn.input_quantizers):
+        raise _NotFoldable("the BN's input is quantized, so folding would remove a quantization step")
+    wq = layer.param_quantizers["weight"] if "weight" in layer.param_quantizers else None
+    if _active(wq) and wq.dtype == "float":
+        raise _NotFoldable("the weight quantizer is a float (fp16/bf16) quantizer")
+    if _active(wq) and wq.channel_axis is not None and wq.is_unsigned_grid:
+        gamma = bn.weight.detach() if bn.weight is not None else None
+        if gamma is not None and bool((gamma < 0).any()):
+            raise _NotFoldable("negative gamma cannot be folded into an unsigned (qmin = 0) symmetric weight grid")
+
+
+@torch.no_grad()
+def _fold_to_scale(sim, layer_path: str, bn_path: str) -> str | None:
+    """Fold one layer->BN pair of the sim (docs/batchnorm_math.md, "Folding into the quantization scale").
+    Returns a note for the caller's warning (per-tensor re-calibration, clamped integers) or None."""
+    model = sim.model
+    layer, bn = model.get_submodule(layer_path), model.get_submodule(bn_path)
+    _check_backward_fold(layer, bn)
+    wq = layer.param_quantizers["weight"] if is_quantized(layer) and "weight" in layer.param_quantizers else None
+    wq = wq if _active(wq) else None
+    gamma, beta = _quantized_value(bn, "weight"), _quantized_value(bn, "bias")  # AIMET folds quantized gamma/beta
+    a = _bn_affine(bn, gamma, beta)[0].to(layer.weight.device)  # float64 gamma/sigma per output channel
+    note = None
+    if wq is not None and wq.channel_axis is not None:
+        wq(layer.weight)  # make sure the encoding is the one the sim currently uses for these weights
+        old_scale, zp = wq._kernel_params()
+        old_offset = -zp.double()
+        q_old = _weight_integers(wq, layer.weight, old_scale, old_offset)
+        fold_bn_into_layer(layer, bn, gamma, beta)
+        neg = a < 0
+        new_scale = (old_scale.double() * a.abs()).float()
+        span = float(wq.qmin + wq.qmax)
+        if wq.symmetric:  # offset stays 0: integers flip sign; on [-2^(b-1), 2^(b-1)-1], -2^(b-1) cannot
+            new_offset = old_offset
+            view = (-1,) + (1,) * (q_old.dim() - 1)
+            expected = torch.where(neg.view(view), -q_old, q_old)
+            clamped = int(((expected > wq.qmax) | (expected < wq.qmin)).sum())
+            expected = expected.clamp(wq.qmin, wq.qmax)
+            if clamped:
+                note = (f"{clamped} weight integer(s) at -2^(b-1) in channels with negative gamma became "
+                        f"{wq.qmax} (one step less; a strict-symmetric grid avoids this)")
+        else:  # asymmetric: q -> qmin + qmax - q with offset -> -(qmin + qmax) - offset keeps the grid exact
+            new_offset = torch.where(neg, -span - old_offset, old_offset)
+            view = (-1,) + (1,) * (q_old.dim() - 1)
+            expected = torch.where(neg.view(view), span - q_old, q_old)
+        wq.set_encoding(new_scale.reshape(wq.scale.shape), new_offset.float().reshape(wq.offset.shape), freeze=True)
+        _snap_to_integers(wq, layer, expected)
+    else:
+        fold_bn_into_layer(layer, bn, gamma, beta)
+        if wq is not None:  # per-tensor: one scale cannot absorb per-channel factors
+            wq.compute_from(layer.weight)
+            wq.frozen = True
+            note = "its per-tensor weight encoding was re-calibrated from the folded weight (integers change)"
+    if is_quantized(layer):
+        bn_out = bn.output_quantizers[0] if is_quantized(bn) and len(bn.output_quantizers) else None
+        layer.output_quantizers[0] = bn_out  # None when the activation after the BN carries it
+    _replace_with_identity(model, bn_path)
+    return note
+
+
+def _weight_integers(wq, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Integer weights (float64, channel-major) exactly as the sim's kernels compute them."""
+    w = wq._channel_major(weight.detach())
+    return numerics.quantize(w, scale, offset.float(), wq.qmin, wq.qmax, axis=0).double()
+
+
+def _snap_to_integers(wq, layer: nn.Module, expected: torch.Tensor) -> None:
+    """Where float rounding of w * gamma/sigma lands a weight on the other side of a rounding tie, move it onto
+    its grid point, so the integers are exactly `expected` (a float weight moves by < half a step, and only there)."""
+    scale, zp = wq._kernel_params()
+    got = _weight_integers(wq, layer.weight, scale, -zp.double())
+    wrong = got != expected
+    if not bool(wrong.any()):
+        return
+    view = (-1,) + (1,) * (expected.dim() - 1)
+    grid_value = ((expected - zp.double().view(view)) * scale.double().view(view)).float()
+    w_cm = wq._channel_major(layer.weight.detach()).clone()
+    w_cm[wrong] = grid_value[wrong]
+    layer.weight.copy_(wq._from_channel_major(w_cm, layer.weight))
+
+
+@torch.no_grad()
+def _fold_forward_in_sim(sim, bn_path: str, conv_path: str) -> str | None:
+    """Fold a BN into the conv after it when no quantizer sits between them; the conv's weight encoding is
+    re-calibrated (a per-input-channel factor does not fit a per-output-channel grid)."""
+    model = sim.model
+    bn, conv = model.get_submodule(bn_path), model.get_submodule(conv_path)
+    if is_quantized(bn) and any(_active(q) for _, q in bn.quantizers()):
+        raise _NotFoldable("the BN has active quantizers (its output is quantized before the conv reads it)")
+    if is_quantized(conv) and any(_active(q) for q in conv.input_quantizers):
+        raise _NotFoldable("the conv quantizes its input, which would then see the un-normalised tensor")
+    problem = _forward_fold_problem(bn, conv)
+    if problem:
+        raise _NotFoldable(problem)
+    fold_bn_into_next_conv(bn, conv)
+    _replace_with_identity(model, bn_path)
+    wq = conv.param_quantizers["weight"] if is_quantized(conv) and "weight" in conv.param_quantizers else None
+    if _active(wq):
+        wq.compute_from(conv.weight)
+        wq.frozen = True
+        return "the conv's weight encoding was re-calibrated from the folded weight (integers change)"
+    return None
+
+
+def _update_sim_records(sim, backward: list[tuple[str, str]], forward: list[tuple[str, str]]) -> None:
+    """Drop folded BNs from sim.graph and sim.placement (their consumers now read the layer / the BN's input),
+    move the BN's output spec to the layer, and give a new bias the quantizer the config asks for."""
+    graph = sim.graph
+    gone = {bn: layer for layer, bn in backward}
+    gone.update({bn: graph[bn].inputs[0] if graph[bn].inputs else None for bn, _ in forward})
+    layers = {layer: bn for layer, bn in backward}
+    nodes = []
+    for n in graph:
+        if n.name in gone:
+            continue
+        changes = {"inputs": tuple(gone.get(i, i) if i is not None else None for i in n.inputs)}
+        if n.name in layers:
+            layer = sim.model.get_submodule(n.name)
+            if "bias" not in n.params and getattr(layer, "bias", None) is not None:
+                changes["params"] = n.params + ("bias",)
+            changes["is_model_output"] = n.is_model_output or graph[layers[n.name]].is_model_output
+        nodes.append(dataclasses.replace(n, **changes))
+    new_graph = OpGraph(nodes)
+    fresh = place(new_graph, sim.config, default_param_bw=sim.default_param_bw,
+                  default_output_bw=sim.default_output_bw)
+    for layer_path, bn_path in backward:
+        old, bn_p = sim.placement.get(layer_path), sim.placement.pop(bn_path, None)
+        if old is None:
+            continue
+        params = dict(old.params)
+        layer = sim.model.get_submodule(layer_path)
+        if "bias" not in params and getattr(layer, "bias", None) is not None:
+            spec = fresh[layer_path].params.get("bias")
+            params["bias"] = spec
+            if spec is not None and is_quantized(layer):
+                q = sim._make_quantizer(spec, f"{layer_path}.param_quantizers['bias']", follows_input=True)
+                layer.param_quantizers["bias"] = q.to(layer.weight.device)
+        sim.placement[layer_path] = NodePlacement(old.inputs, bn_p.outputs if bn_p else old.outputs, params)
+    for bn_path, _ in forward:
+        sim.placement.pop(bn_path, None)
+    sim.graph = new_graph
+    if getattr(sim, "_captured", None) is not None:
+        sim._captured.graph = new_graph
+
+
+def fold_all_batch_norms_to_scale(sim) -> FoldedPairs:
+    """After QAT, fold every BN of a QuantizationSimModel into its layer so the integer weights stay the same:
+    weight and bias absorb the BN, the per-channel weight scale absorbs |gamma/sigma| (sign handled), the BN's
+    output quantizer becomes the layer's, the BN becomes nn.Identity. Pairs that cannot be folded stay, with a
+    warning. Math: docs/batchnorm_math.md, "Folding into the quantization scale"; usage: docs/batchnorm.md."""
+    model = sim.model
+    backward, forward = _sim_pairs(sim)
+    counts = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    shared = {i for i, c in counts.items() if c > 1}
+    done_b: list[tuple[str, str]] = []
+    done_f: list[tuple[str, str]] = []
+    for layer_path, bn_path in backward:
+        try:
+            problem = _weight_problem(model, layer_path, shared)
+            if problem:
+                raise _NotFoldable(problem)
+            note = _fold_to_scale(sim, layer_path, bn_path)
+        except _NotFoldable as e:
+            warnings.warn(f"quantsim: BatchNorm '{bn_path}' not folded into '{layer_path}': {e}", stacklevel=2)
+            continue
+        if note:
+            warnings.warn(f"quantsim: BatchNorm '{bn_path}' folded into '{layer_path}': {note}", stacklevel=2)
+        done_b.append((layer_path, bn_path))
+    for bn_path, conv_path in forward:
+        try:
+            problem = _weight_problem(model, conv_path, shared)
+            if problem:
+                raise _NotFoldable(problem)
+            note = _fold_forward_in_sim(sim, bn_path, conv_path)
+        except _NotFoldable as e:
+            warnings.warn(f"quantsim: BatchNorm '{bn_path}' (before conv '{conv_path}') not folded: {e}",
+                          stacklevel=2)
+            continue
+        if note:
+            warnings.warn(f"quantsim: BatchNorm '{bn_path}' folded into the conv after it, '{conv_path}': {note}",
+                          stacklevel=2)
+        done_f.append((bn_path, conv_path))
+    if done_b or done_f:
+        _update_sim_records(sim, done_b, done_f)
+    return FoldedPairs(done_b, done_f)
+
+
+def reestimate_and_fold(sim, dataloader: Iterable, num_batches: int | None = 100,
+                        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+                        progress: bool = True) -> FoldedPairs:
+    """AIMET's post-QAT step: re-estimate BN statistics on sim.model (quantizers active), then fold every BN
+    into its layer's weight, bias and quantization scale. Returns the folded pairs."""
+    reestimate_bn_stats(sim.model, dataloader, num_batches=num_batches, forward_fn=forward_fn, progress=progress)
+    return fold_all_batch_norms_to_scale(sim)

@@ -6,11 +6,13 @@ optimizers and DDP see ordinary parameters and buffers.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from . import numerics
-from .observers import NonFiniteError, make_observer
+from .observers import MinMaxObserver, NonFiniteError, make_observer
 
 
 class QuantizeDequantize(nn.Module):
@@ -69,7 +71,12 @@ class QuantizeDequantize(nn.Module):
         return self.scale.detach().abs().clamp(min=numerics.SCALE_EPS) if self.is_initialized() else None
 
     def get_offset(self) -> torch.Tensor | None:
-        return torch.round(self.offset.detach()) if self.is_initialized() else None
+        """The offset the kernels use: -clamp(round_half_even(-offset), qmin, qmax) (docs/math.md, "Range learning")."""
+        return (-self._zero_point(self.offset.detach()).float()) + 0.0 if self.is_initialized() else None  # no -0.0
+
+    def _zero_point(self, offset: torch.Tensor) -> torch.Tensor:
+        """int32 zero point = clamp(round(-offset), qmin, qmax), exactly what torch's learnable kernels use."""
+        return torch.round(-offset).clamp_(self.qmin, self.qmax).to(torch.int32)
 
     def get_min(self) -> torch.Tensor | None:
         if not self.is_initialized():
@@ -158,7 +165,7 @@ class QuantizeDequantize(nn.Module):
     # ----------------------------------------------------------------- forward
     def _channel_major(self, x: torch.Tensor) -> torch.Tensor:
         """View with channels on axis 0 (grouped ConvTranspose weights interleave groups on axis 0)."""
-        if self.channel_axis is None:
+        if self.channel_axis is None or self.channel_axis == 0:
             return x
         if self.groups > 1 and self.channel_axis == 1:
             g = self.groups
@@ -183,26 +190,168 @@ class QuantizeDequantize(nn.Module):
         if self.dtype == "float":
             return x.to(torch.float16).to(x.dtype) if self.bitwidth == 16 else x.to(torch.bfloat16).to(x.dtype)
         if self.follows_input and not self.frozen and not self.learn_ranges:
-            version = (x.data_ptr(), x._version)
-            if version != self._seen_version or not self.is_initialized():
-                with torch.no_grad():
-                    self.compute_from(x)
-        if not self.is_initialized():
+            with torch.no_grad():
+                self._follow(x)
+        if not self._ready():
             raise RuntimeError(
                 f"{self.name or 'quantizer'} has no encoding: it saw no data during compute_encodings "
                 "(was this part of the model run by the calibration callback?)"
             )
         return self._quantize(x)
 
-    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+    # ----------------------------------------------------------------- following the weights (QAT)
+    def _enc_key(self) -> tuple[int, int]:
+        return (self.scale._version, self.offset._version)
+
+    def _ready(self) -> bool:
+        """is_initialized() without a tensor read per call (cached until the flag buffer changes)."""
+        key = (self.initialized._version, self.initialized.data_ptr())
+        if self.__dict__.get("_ready_key") == key:
+            return True
+        if bool(self.initialized):
+            self.__dict__["_ready_key"] = key
+            return True
+        return False
+
+    def _channel_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (or per-tensor) float32 (min, max) of x with one aminmax; raises on NaN/Inf."""
+        xc = self._channel_major(x)  # called under no_grad
+        xc = xc.float() if xc.dtype != torch.float32 else xc
+        if self.channel_axis is None:
+            lo, hi = torch.amin(xc), torch.amax(xc)
+        else:  # amin + amax: torch's aminmax(dim=) is a scalar loop, ~30x slower on weight rows
+            rows = xc.reshape(xc.shape[0], -1)
+            lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+        return lo, hi  # NaN/Inf propagate into the scale, which _set_range_fast checks
+
+    def _follow(self, x: torch.Tensor) -> None:
+        """Keep a param quantizer's encoding in step with its (changing) tensor; docs/batchnorm.md, "QAT".
+
+        min_max: recomputed from the new tensor (one aminmax, identical to compute_from). Histogram schemes:
+        the scheme runs once; afterwards its per-channel clipping ratio (encoding range / min-max range) is
+        applied to the new tensor's min-max range, so QAT steps stay cheap and keep the scheme's clipping.
+        """
+        version = (x.data_ptr(), x._version)
+        minmax = self.fixed_range is not None or isinstance(self.observer, MinMaxObserver)
+        if not self._ready():
+            self.compute_from(x)  # first encoding: the full scheme
+            self._seen_version = version
+            self._covers_key = self._enc_key() if minmax and self.symmetric else None
+            if not minmax:
+                self._record_ratio(x)
+            return
+        if version == self._seen_version:
+            if not minmax and getattr(self, "_ratio_key", None) != self._enc_key():
+                self._record_ratio(x)  # encoding just (re)computed from this very tensor, e.g. compute_encodings
+            return
+        if minmax:
+            if self.fixed_range is not None:
+                self.set_range(*self.fixed_range)
+            else:
+                self._set_range_fast(*self._channel_minmax(x), like=x)
+            # a symmetric min-max grid holds every element of x: its STE mask would be all ones
+            self._covers_key = self._enc_key() if self.symmetric else None
+        elif getattr(self, "_ratio_key", None) == self._enc_key():
+            lo, hi = self._channel_minmax(x)
+            self._set_range_fast(lo.clamp(max=0) * self._ratio[0], hi.clamp(min=0) * self._ratio[1])
+            self._ratio_key = self._enc_key()
+        else:  # encoding set from elsewhere (set_encoding, load_state_dict) for an unknown tensor: run the scheme
+            self.compute_from(x)
+            self._record_ratio(x)
+        self._seen_version = version
+
+    def _set_range_fast(self, lo: torch.Tensor, hi: torch.Tensor, like: torch.Tensor | None = None) -> None:
+        """set_range for float32 (min, max) on the device: the same encoding with a few ops (a QAT step runs
+        this for every weight); raises on NaN/Inf. `like`: the tensor, to prepare the kernel params at once."""
+        unsigned = self.symmetric and self.unsigned_symmetric and bool((lo >= 0).all())
+        qmin, qmax = numerics.grid(self.bitwidth, self.symmetric, self.strict_symmetric, unsigned)
+        if self.symmetric and qmin < 0:
+            # == encoding_from_range: clamping min to <= 0 and max to >= 0 first never changes this maximum
+            scale, offset = torch.maximum(hi / qmax, lo / qmin).clamp_(min=numerics.SCALE_EPS), None
+        else:
+            scale, offset = numerics.encoding_from_range(lo, hi, qmin, qmax, self.symmetric)
+        if not math.isfinite(float(scale.sum())):
+            raise ValueError(f"{self.name or 'quantizer'}: tensor holds NaN or Inf; cannot follow it")
+        self.qmin, self.qmax = qmin, qmax
+        self.scale.copy_(scale.reshape(self.scale.shape))
+        if offset is not None:
+            self.offset.copy_(offset.reshape(self.offset.shape))
+        elif self.__dict__.get("_zero_offset_key", (None, None))[1] != self.offset._version:
+            self.offset.zero_()
+        if not self._ready():
+            self.initialized.fill_(True)
+        if self.symmetric:  # lets _kparams skip reading the (zero) offset back
+            self.__dict__["_zero_offset_key"] = self._enc_key()
+            if like is not None:  # the kernel params of this encoding, from the fresh scale (no copy back)
+                key = self._kp_key(*self._layout(like))
+                self.__dict__["_kp_cache"] = _KernelParams(key, scale.reshape(self.scale.shape), None, qmin, qmax,
+                                                           key[-2], key[-1])
+
+    def _record_ratio(self, x: torch.Tensor) -> None:
+        """Per-channel (grid min / tensor min, grid max / tensor max) of the current encoding for tensor x."""
+        lo, hi = self._channel_minmax(x)
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        gmin, gmax = self.get_min(), self.get_max()
+        one = torch.ones_like(lo)
+        r_lo = torch.where(lo < 0, gmin / torch.where(lo < 0, lo, one), one)
+        r_hi = torch.where(hi > 0, gmax / torch.where(hi > 0, hi, one), one)
+        self._ratio = (r_lo, r_hi)
+        self._ratio_key = self._enc_key()
+
+    # ----------------------------------------------------------------- fake quantization
+    def _kernel_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, int32 zero point) exactly as the kernels receive them (new tensors, detached)."""
+        return self.scale.detach().abs().clamp(min=numerics.SCALE_EPS), self._zero_point(self.offset.detach())
+
+    def _kp_key(self, ndim: int, axis: int | None) -> tuple:
+        return (self.scale._version, self.offset._version, self.scale.data_ptr(), self.offset.data_ptr(),
+                self.qmin, self.qmax, ndim, axis)
+
+    def _layout(self, x: torch.Tensor) -> tuple[int, int | None]:
+        """(ndim, channel axis) of x as the kernels see it (grouped ConvTranspose weights: channel-major)."""
+        grouped = self.groups > 1 and self.channel_axis == 1
+        return x.dim(), None if self.channel_axis is None else (0 if grouped else self.channel_axis)
+
+    def _kparams(self, ndim: int, axis: int | None) -> "_KernelParams":
+        """Kernel inputs derived from the current encoding, cached until the encoding (or its device) changes."""
+        key = self._kp_key(ndim, axis)
+        kp = self.__dict__.get("_kp_cache")
+        if kp is None or kp.key != key:
+            if self.__dict__.get("_zero_offset_key") == key[:2]:  # scale written by _set_range_fast: > 0, offset 0
+                kp = _KernelParams(key, self.scale.detach().clone(), None, self.qmin, self.qmax, ndim, axis)
+            else:
+                kp = _KernelParams(key, *self._kernel_params(), self.qmin, self.qmax, ndim, axis)
+            self.__dict__["_kp_cache"] = kp
+        return kp
+
+    def _kparams_for(self, x: torch.Tensor) -> "_KernelParams":
+        """The cached kernel params for fake-quantizing tensor x (layout as this quantizer sees it)."""
+        return self._kparams(*self._layout(x))
+
+    def _fake_quantize_fixed(self, x: torch.Tensor, kp: "_KernelParams") -> torch.Tensor:
+        """Forward value of fake quantization with given kernel params (no autograd graph of its own)."""
+        grouped = self.groups > 1 and self.channel_axis == 1
+        xq = self._channel_major(x) if grouped else x
+        y = _fake_quantize(xq, kp)
+        return self._from_channel_major(y, x) if grouped else y
+
+    def _quantize(self, x: torch.Tensor, clip: tuple[float | None, float | None] | None = None) -> torch.Tensor:
+        """Fake-quantize x (clip=(lo, hi): clamp x first, as a fused ReLU/ReLU6 in front of this quantizer)."""
         grouped = self.groups > 1 and self.channel_axis == 1
         xq = self._channel_major(x) if grouped else x
         axis = None if self.channel_axis is None else (0 if grouped else self.channel_axis)
-        scale = self.scale.abs().clamp(min=numerics.SCALE_EPS)
         if self.learn_ranges:
+            if clip is not None:
+                xq = torch.clamp(xq, clip[0], clip[1])
+            scale = self.scale.abs().clamp(min=numerics.SCALE_EPS)
             y = numerics.fake_quantize_learnable(xq, scale, self.offset, self.qmin, self.qmax, axis)
         else:
-            y = numerics.fake_quantize(xq, scale, self.offset, self.qmin, self.qmax, axis)
+            kp = self._kparams(xq.dim(), axis)
+            if torch.is_grad_enabled() and xq.requires_grad:
+                need_mask = clip is not None or self.__dict__.get("_covers_key") != self._enc_key()
+                y = _FakeQuantSTE.apply(xq, kp, need_mask, clip)
+            else:
+                y = _fake_quantize(xq, kp, clip)
         return self._from_channel_major(y, x) if grouped else y
 
     def extra_repr(self) -> str:
@@ -210,3 +359,136 @@ class QuantizeDequantize(nn.Module):
         sym = "strict-symmetric" if self.strict_symmetric else ("symmetric" if self.symmetric else "asymmetric")
         state = "" if self.enabled else ", disabled"
         return f"bw={self.bitwidth}, {sym}, {kind}, scheme={self._scheme}{state}"
+
+
+# ===================================================================================================== kernels
+# torch's fake-quant kernels are scalar loops (~15 ns per element on CPU); the same arithmetic written with
+# vectorized elementwise ops is ~10x faster and bit-identical for float32: q = nearbyint(x * float32(1/scale))
+# + zero_point, clamped to [qmin, qmax], x_hat = (q - zero_point) * scale (an exact integer times a float32
+# scale, rounded once). Other dtypes (bf16/fp16 under autocast, float64) use torch's kernels.
+
+
+class _KernelParams:
+    """One encoding prepared for the kernels: flat (scale, zero point) for torch's kernels; broadcast scale,
+    1/scale and the bounds of round(x/scale) (Python floats on CPU when they are one number) for ours."""
+
+    __slots__ = ("key", "flat_scale", "_zero_point", "qmin", "qmax", "axis", "scale", "inv", "lo_q", "hi_q",
+                 "mid_q", "half_q", "_clips")
+
+    def __init__(self, key, scale, zero_point, qmin, qmax, ndim, axis):
+        """zero_point: int32 tensor shaped like scale, or None for all zeros."""
+        self.key, self.flat_scale, self._zero_point, self.qmin, self.qmax = key, scale, zero_point, qmin, qmax
+        self.axis = None if axis is None else axis % max(ndim, 1)
+        shape = () if axis is None else tuple(-1 if i == self.axis else 1 for i in range(ndim))
+        self.scale = scale.reshape(shape)
+        self.inv = torch.reciprocal(self.scale)  # float32 1/scale, as the kernels compute it
+        if zero_point is None or (scale.device.type == "cpu" and not bool(zero_point.any())):
+            self.lo_q, self.hi_q = float(qmin), float(qmax)  # scalar bounds take torch's fast clamp path
+        else:
+            zp = zero_point.to(torch.float32).reshape(shape)
+            self.lo_q, self.hi_q = qmin - zp, qmax - zp  # bounds of round(x/scale) = q - zero_point
+            if scale.device.type == "cpu" and axis is None:
+                self.lo_q, self.hi_q = float(self.lo_q), float(self.hi_q)
+        self.mid_q, self.half_q = (self.lo_q + self.hi_q) / 2, (self.hi_q - self.lo_q) / 2  # exact: halves of ints
+        self._clips = {}
+
+    @property
+    def zero_point(self) -> torch.Tensor:
+        if self._zero_point is None:
+            self._zero_point = torch.zeros(self.flat_scale.shape, dtype=torch.int32, device=self.flat_scale.device)
+        return self._zero_point
+
+    def clip_bounds(self, clip):
+        """Bounds of round(x/scale) after x is clamped to [lo, hi]: round is monotone, so clamp(x) then round
+        equals round then clamp to round(lo/scale), round(hi/scale) (computed with the same float32 ops)."""
+        if clip not in self._clips:
+            lo_q, hi_q = self.lo_q, self.hi_q
+            for i, bound in enumerate(clip):
+                if bound is None:
+                    continue
+                r = torch.round(torch.full_like(self.inv, bound) * self.inv)
+                if isinstance(lo_q, float) and r.dim() == 0:
+                    r = float(r)
+                    lo_q, hi_q = (max(lo_q, r), hi_q) if i == 0 else (lo_q, min(hi_q, r))
+                else:
+                    lo_q = torch.maximum(torch.as_tensor(lo_q, device=r.device), r) if i == 0 else lo_q
+                    hi_q = torch.minimum(torch.as_tensor(hi_q, device=r.device), r) if i == 1 else hi_q
+            if isinstance(lo_q, float) != isinstance(hi_q, float):  # clamp_ takes two numbers or two tensors
+                lo_q, hi_q = (torch.as_tensor(b, dtype=torch.float32, device=self.inv.device) for b in (lo_q, hi_q))
+            self._clips[clip] = (lo_q, hi_q)
+        return self._clips[clip]
+
+
+def _composite(x, kp: _KernelParams, clip=None, want_mask=False):
+    """(x_hat, mask or None) with the kernels' arithmetic; clip=(lo, hi) clamps x first (mask adds lo < x < hi)."""
+    r = torch.mul(x, kp.inv).round_()
+    mask = None
+    if want_mask:  # built in float32 (vectorized) and cast to bool once: lo <= r <= hi  <=>  |r - mid| <= half
+        m = torch.sub(r, kp.mid_q).abs_().le_(kp.half_q)
+        if clip is not None:
+            tmp = torch.empty_like(m)
+            if clip[0] is not None:
+                m.mul_(torch.gt(x, clip[0], out=tmp))
+            if clip[1] is not None:
+                m.mul_(torch.lt(x, clip[1], out=tmp))
+        mask = m.to(torch.bool)
+    lo_q, hi_q = (kp.lo_q, kp.hi_q) if clip is None else kp.clip_bounds(clip)
+    return r.clamp_(lo_q, hi_q).mul_(kp.scale), mask
+
+
+def _fake_quantize(x, kp: _KernelParams, clip=None):
+    if x.dtype == torch.float32:
+        return _composite(x, kp, clip)[0]
+    if clip is not None:
+        x = torch.clamp(x, clip[0], clip[1])
+    if kp.axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, kp.flat_scale.reshape(()), kp.zero_point.reshape(()),
+                                                     kp.qmin, kp.qmax)
+    return torch.fake_quantize_per_channel_affine(x, kp.flat_scale, kp.zero_point, kp.axis, kp.qmin, kp.qmax)
+
+
+def _fake_quantize_with_mask(x, kp: _KernelParams, clip=None):
+    """(x_hat, mask): mask marks elements whose integer fell in [qmin, qmax] (and lo < x < hi with a clip)."""
+    if x.dtype == torch.float32:
+        return _composite(x, kp, clip, want_mask=True)
+    xin = x if clip is None else torch.clamp(x, clip[0], clip[1])
+    if kp.axis is None:
+        enabled = torch.ones(1, dtype=torch.long, device=x.device)
+        y, mask = torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            xin, kp.flat_scale.reshape(()), kp.zero_point.reshape(()), enabled, kp.qmin, kp.qmax)
+    else:
+        y, mask = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
+            xin, kp.flat_scale, kp.zero_point, kp.axis, kp.qmin, kp.qmax)
+    if clip is not None:
+        if clip[0] is not None:
+            mask.logical_and_(x > clip[0])
+        if clip[1] is not None:
+            mask.logical_and_(x < clip[1])
+    return y, mask
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Fake-quantize with the straight-through gradient (docs/math.md, "STE"), optionally after a clamp.
+
+    Saves one bool mask (1 byte per element); the mask is skipped when the encoding is known to hold every
+    element (a weight's symmetric min-max grid), so the gradient passes through untouched. A fused clamp
+    (ReLU/ReLU6 before the quantizer) folds its own gradient (lo < x < hi) into the same mask, so the
+    clamped tensor is never kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, kp, need_mask, clip):
+        if not need_mask and clip is None:
+            ctx.has_mask = False
+            return _fake_quantize(x, kp)
+        y, mask = _fake_quantize_with_mask(x, kp, clip)
+        ctx.has_mask = True
+        ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.has_mask:
+            return grad, None, None, None
+        (mask,) = ctx.saved_tensors
+        return mask.view(torch.uint8).to(grad.dtype).mul_(grad), None, None, None  # uint8->float is the fast cast

@@ -238,6 +238,32 @@ class QuantizationSimModel:
     def __repr__(self) -> str:
         return f"QuantizationSimModel({type(self.model).__name__}, {sum(1 for _ in self.named_quantizers())} quantizers)"
 
+    # ------------------------------------------------------------------ export / reload (quantsim.exporter)
+    def export(self, path, filename_prefix: str, dummy_input: Any = None, *, encoding_version: str = "1.0.0",
+               **kwargs):
+        """Write <prefix>.onnx, .encodings, _qdq.onnx and .safetensors into `path`, all or none; returns their paths."""
+        from .exporter import export
+
+        return export(self, path, filename_prefix, dummy_input, encoding_version=encoding_version, **kwargs)
+
+    def load_encodings(self, encodings, *, dummy_input: Any = None, partial: bool = True, **kwargs):
+        """Load an AIMET encodings file (0.6.1/1.0.0/2.0.0) into the quantizers; param encodings are frozen."""
+        from .exporter import load_encodings
+
+        return load_encodings(self, encodings, dummy_input=dummy_input, partial=partial, **kwargs)
+
+    def save_state(self, path) -> str:
+        """Weights, encodings and quantizer flags to a safetensors file (restored by load_state)."""
+        from .exporter import save_state
+
+        return save_state(self, path)
+
+    def load_state(self, path) -> None:
+        """Restore save_state/export's safetensors file into a sim of the same model and config."""
+        from .exporter import load_state
+
+        load_state(self, path)
+
 
 def _spec_str(q: QuantizeDequantize | None) -> str:
     if q is None:
