@@ -369,3 +369,16 @@ def test_place_is_pure_and_deterministic():
     config = load_config("default")
     assert place(RESIDUAL, config) == place(RESIDUAL, config) == place(RESIDUAL, "default")
     assert list(RESIDUAL) == before and load_config("default") == config
+
+
+def test_depthwise_supergroup_rule_is_lifted_for_onnxruntime_target():
+    """AIMET: a depthwise conv never starts [Conv, Clip]; the onnxruntime_cpu preset (hw_version ORT_CPU) fuses it."""
+    g = OpGraph([
+        OpNode("dw", "Conv", (f"{MODEL_INPUT}0",), ("weight",), depthwise=True),
+        OpNode("bn", "BatchNormalization", ("dw",), ("weight", "bias")),
+        OpNode("relu6", "Clip", ("bn",), (), is_model_output=True),
+    ])
+    aimet = place(g, load_config("default"))  # AIMET rule: only Conv->BN fused, so BN and Clip outputs both quantized
+    assert aimet["bn"].outputs[0] is not None and aimet["relu6"].outputs[0] is not None
+    ort = place(g, load_config("onnxruntime_cpu"))  # Conv->BN->Clip fused: one quantizer at the end
+    assert ort["dw"].outputs[0] is None and ort["bn"].outputs[0] is None and ort["relu6"].outputs[0] is not None

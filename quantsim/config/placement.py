@@ -57,8 +57,15 @@ def _is_model_input(src: str | None) -> bool:
     return src is not None and src.startswith(MODEL_INPUT)
 
 
-def _rejects_supergroup_start(node: OpNode) -> bool:
-    """AIMET never starts a supergroup at a depthwise or 3-D conv (HTP limitation); needs capture to flag them."""
+#: hw_version values of targets whose fused kernels include depthwise/3-D convs (onnxruntime's QLinearConv does).
+FUSES_DEPTHWISE_HW = ("ORT_CPU",)
+
+
+def _rejects_supergroup_start(node: OpNode, hw_version: str | None = None) -> bool:
+    """AIMET never starts a supergroup at a depthwise or 3-D conv (an HTP limitation it applies to every config);
+    targets that fuse those too (hw_version in FUSES_DEPTHWISE_HW) lift the rule."""
+    if hw_version in FUSES_DEPTHWISE_HW:
+        return False
     return node.op_type in ("Conv", "ConvTranspose") and bool(
         getattr(node, "depthwise", False) or getattr(node, "conv3d", False))
 
@@ -86,7 +93,7 @@ def find_bn_folds(graph: OpGraph) -> dict[str, str]:
 
 
 def find_supergroups(graph: OpGraph, patterns: Iterable[tuple[str, ...]],
-                     folds: dict[str, str] | None = None) -> list[tuple[str, ...]]:
+                     folds: dict[str, str] | None = None, hw_version: str | None = None) -> list[tuple[str, ...]]:
     """Every chain of nodes matching a pattern (a folded layer+BN counts as one op of the layer's type).
 
     Each node of a chain but the last must feed only the next one; patterns may overlap (AIMET applies all).
@@ -105,7 +112,7 @@ def find_supergroups(graph: OpGraph, patterns: Iterable[tuple[str, ...]],
     chains: list[tuple[str, ...]] = []
     for pattern in sorted(patterns, key=len, reverse=True):  # AIMET's order; results do not depend on it
         for node in graph:
-            if node.op_type == pattern[0] and not _rejects_supergroup_start(node):
+            if node.op_type == pattern[0] and not _rejects_supergroup_start(node, hw_version):
                 chains.extend(tuple(c) for c in match(node.name, tuple(pattern)))
     return chains
 
@@ -185,7 +192,7 @@ def place(graph: OpGraph, config: "BackendConfig | str | dict | None", *, defaul
 
     # ---- level 4: supergroups, then conv+BN fusion (the BN output takes over the layer's output quantizer)
     folds = find_bn_folds(graph)
-    for chain in find_supergroups(graph, config.supergroups, folds):
+    for chain in find_supergroups(graph, config.supergroups, folds, config.defaults.hw_version):
         for i, name in enumerate(chain):
             if i < len(chain) - 1:
                 out_on[name] = False
