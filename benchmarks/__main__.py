@@ -13,6 +13,8 @@ SUITES = {
     "calibration": "calibration",
     "ort": "ort",
     "fidelity": "ort:run_fidelity",
+    "qat": "qat",
+    "accuracy": "bn_reestimation",
 }
 
 

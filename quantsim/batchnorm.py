@@ -553,7 +553,7 @@ def _sim_pairs(sim) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         if len(users) != 1 or graph[users[0]].inputs != (node.name,):
             continue
         conv = modules.get(users[0])
-        if conv is not None and isinstance(conv, _CONV) and _foldable_layer(conv) and conv.in_channels == bn.num_features:
+        if isinstance(conv, _CONV) and _foldable_layer(conv) and conv.in_channels == bn.num_features:
             forward.append((node.name, users[0]))
     return backward, forward
 
@@ -720,7 +720,7 @@ def _update_sim_records(sim, backward: list[tuple[str, str]], forward: list[tupl
 
 def fold_all_batch_norms_to_scale(sim) -> FoldedPairs:
     """After QAT, fold every BN of a QuantizationSimModel into its layer so the integer weights stay the same:
-    weight and bias absorb the BN, the per-channel weight scale absorbs |gamma/sigma| (sign handled), the BN's
+    weight and bias absorb the BN, the per-channel weight scale absorbs abs(gamma/sigma) (sign handled), the BN's
     output quantizer becomes the layer's, the BN becomes nn.Identity. Pairs that cannot be folded stay, with a
     warning. Math: docs/batchnorm_math.md, "Folding into the quantization scale"; usage: docs/batchnorm.md."""
     model = sim.model

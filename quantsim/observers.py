@@ -40,8 +40,14 @@ _MIN_DELTA = float(torch.finfo(torch.float32).eps)
 #: Upper bound on elements of one (channels x candidates x bins) block in the final searches.
 _BLOCK_ELEMENTS = 1 << 22
 
-#: Block size of the SQNR search's per-bin pass: small enough for its temporaries to stay in cache.
-_SEARCH_BLOCK_ELEMENTS = 1 << 18
+#: Block sizes of the final searches: (channels x candidates) for the closed forms, (channels x candidates x
+#: bins) for the SQNR per-bin pass. Small temporaries stay in cache and are reused by the allocator instead
+#: of being mapped (page-faulted) afresh, which costs more than the arithmetic on them.
+_CHANNEL_BLOCK_ELEMENTS = 1 << 14
+_SEARCH_BLOCK_ELEMENTS = 1 << 14
+
+#: The SQNR search prunes candidates by closed-form bounds only when channels occupy more bins than this.
+_PRUNE_MIN_BINS = 32
 
 #: Histogram bins per channel (AIMET v1's PDF_SIZE; AIMET v2's analyzers default to 2048, see docs/calibration.md).
 DEFAULT_NUM_BINS = 512
@@ -76,6 +82,47 @@ def _f32(v: float) -> float:
 def _rounder(dtype: torch.dtype):
     """Rounding of a Python float (double) result into `dtype` (float32 or float64)."""
     return _f32 if dtype == torch.float32 else float
+
+
+#: _bincount: counts of large CPU inputs are split over two threads when torch uses more than one, and
+#: the bins of nonnegative inputs (ReLU outputs, half zeros) are spread over lanes of 4 interleaved copies.
+_SPLIT_ELEMENTS = 1 << 20
+_LANES, _LANE_PERIOD = 4, 4096
+_lane_offsets: dict[int, torch.Tensor] = {}
+_pool = None
+
+
+def _bincount(idx: torch.Tensor, length: int, spread: bool = False) -> torch.Tensor:
+    """torch.bincount(idx, minlength=length) for a 1-d int16/int32 tensor with values in [0, length).
+
+    bincount's CPU kernel is one serial loop of `count[idx[i]] += 1`: a run of equal values (the zeros of a
+    ReLU output) serialises on one counter, so `spread` adds lane * length to the index of element i (lane
+    = i % 4) and sums the four histograms afterwards. Large inputs are counted in two halves, one on a
+    worker thread (the op releases the GIL), when torch runs with more than one thread. The counts are
+    integers: identical whichever way they are added up.
+    """
+    global _pool
+    n = idx.numel()
+    lanes = 1
+    if spread and idx.device.type == "cpu" and n >= _LANE_PERIOD and _LANES * length <= torch.iinfo(idx.dtype).max:
+        offsets = _lane_offsets.get(length)
+        if offsets is None or offsets.dtype != idx.dtype:
+            offsets = (torch.arange(_LANE_PERIOD) % _LANES * length).to(idx.dtype)
+            _lane_offsets[length] = offsets
+        m = n - n % _LANE_PERIOD
+        idx[:m].view(-1, _LANE_PERIOD).add_(offsets)
+        lanes = _LANES
+    total = lanes * length
+    if idx.device.type == "cpu" and n >= _SPLIT_ELEMENTS and torch.get_num_threads() > 1:
+        if _pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantsim-bincount")
+        future = _pool.submit(torch.bincount, idx[: n // 2], None, total)
+        counts = torch.bincount(idx[n // 2:], minlength=total) + future.result()
+    else:
+        counts = torch.bincount(idx, minlength=total)
+    return counts.view(lanes, length).sum(0) if lanes > 1 else counts
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:
@@ -361,8 +408,8 @@ class HistogramObserver(Observer):
             pos = torch.sub(x, lo_x).mul_(nb).div_(width)
         if clip:  # clamping the position is clamping x to [lo, hi]: both are monotone
             pos.clamp_(0, nb)
-        idx = pos.to(torch.int16 if nb < 32767 else torch.int32)  # truncation; pos >= 0
-        counts = torch.bincount(idx.reshape(-1), minlength=nb + 1)
+        idx = pos.to(torch.int16 if nb < 32767 else torch.int32).reshape(-1)  # truncation; pos >= 0
+        counts = _bincount(idx, nb + 1, spread=lo_x == 0.0)
         hist += counts[:nb]
         hist[nb - 1] += counts[nb]  # x == hi: histc's last bin includes its right edge
 
@@ -401,6 +448,30 @@ def _search_range(lo: torch.Tensor, hi: torch.Tensor, num_steps: int):
     min_v = lo.to(torch.float64).clamp(max=0)
     max_v = hi.to(torch.float64).clamp(min=0)
     return min_v, torch.maximum(max_v, min_v + _MIN_DELTA * num_steps)
+
+
+def _occupied_bins(hist: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """(mids, counts, rank) float64: each row's occupied bins in order, padded with zero counts to the
+    largest number per row; rank (C, B) counts the occupied bins in [0, b] (None if every bin is kept).
+
+    Empty bins add nothing to any sum. Dropping them matters for per-channel weights with few values per
+    channel (a depthwise 3x3 kernel fills at most 9 of 512 bins).
+    """
+    c, nb = hist.shape
+    f64 = dict(dtype=torch.float64, device=hist.device)
+    w = (hi - lo) / nb
+    index = torch.arange(nb, **f64).expand(c, nb)
+    occupied = hist > 0
+    rank = occupied.cumsum(1)
+    keep = int(rank[:, -1].max())
+    counts = hist
+    if keep < nb:
+        dest = torch.where(occupied, rank - 1, keep)  # empty bins go to a scratch column
+        index = torch.zeros(c, keep + 1, **f64).scatter_(1, dest, index)[:, :keep]
+        counts = torch.zeros(c, keep + 1, **f64).scatter_(1, dest, hist)[:, :keep]
+    else:
+        rank = None
+    return (lo + w / 2)[:, None] + w[:, None] * index, counts, rank
 
 
 # ===================================================================================================== SQNR
@@ -474,71 +545,123 @@ class SqnrObserver(HistogramObserver):
         """(C, K) expected noise of each candidate on this histogram (the SQNR objective), float64.
 
         Bin midpoints m are quantize-dequantized with y = m / delta - offset, q = round(y): the squared
-        error is delta^2 (clamp(q, 0, num_steps) - y)^2, times gamma where q was clamped.
-
-        Evaluated as delta^2 (T + (gamma - 1) K): T = sum of count * (clamp(q) - y)^2 over all bins, per
-        bin in float32 like AIMET; K = the same sum over the clipped bins only. y is linear in m and the
-        clipped bins are a prefix (y < -1/2) and a suffix (y > num_steps + 1/2) of the bins, so K is a
-        closed form in prefix sums of n, n m, n m^2 (float64, O(1) per candidate). With
-        quant_noise="uniform" the inside bins cost delta^2 / 12 each, and no per-bin work is left at all.
+        error is delta^2 (clamp(q, 0, num_steps) - y)^2, times gamma where q was clamped; float32 like AIMET.
         """
-        hist = self._hist
-        c, nb = hist.shape
-        ns = num_steps
-        f64 = dict(dtype=torch.float64, device=hist.device)
+        self._require_data()
         lo, hi = self._lo.to(torch.float64), self._hi.to(torch.float64)
-        w = (hi - lo) / nb
-        mids = (lo + w / 2)[:, None] + w[:, None] * torch.arange(nb, **f64)
-        # The candidates exactly as the per-bin float32 evaluation sees them.
+        out = torch.empty(deltas.shape, dtype=torch.float64, device=deltas.device)
+        for blk in _blocks(deltas.shape[0], deltas.shape[1], _CHANNEL_BLOCK_ELEMENTS):
+            bins = _occupied_bins(self._hist[blk], lo[blk], hi[blk])
+            out[blk] = self._noise(bins, deltas[blk], offsets[blk], num_steps)
+        return out
+
+    def _noise(self, bins, deltas: torch.Tensor, offsets: torch.Tensor, ns: int) -> torch.Tensor:
+        """expected_noise of (c, K') candidates on `_occupied_bins`, per bin in float32."""
+        mids, counts, _ = bins
+        mids, counts = mids.float(), counts.float()
         d32, o32 = deltas.float(), offsets.float()
-        uniform = self.quant_noise == "uniform"
-        clipped = None
-        if self.gamma != 1.0 or uniform:
-            cum = torch.zeros(3, c, nb + 1, **f64)  # prefix sums over bins of n, n m, n m^2
-            torch.cumsum(torch.stack([hist, hist * mids, hist * mids * mids]), dim=2, out=cum[:, :, 1:])
-            d, o = d32.double(), o32.double()
-            # Clipped bins in bin-index space: low y < -1/2 <=> m < (o - 1/2) d; high y > ns + 1/2 (at
-            # y = ns + 1/2 exactly, round-half-even clips iff ns + 1 is even).
-            base = (lo + w / 2)[:, None]
-            step = torch.where(w > 0, w, torch.ones_like(w))[:, None]  # zero width: every midpoint is 0 = lo
-            k_lo = torch.ceil(((o - 0.5) * d - base) / step).clamp_(0, nb).long()
-            u = ((o + (ns + 0.5)) * d - base) / step
-            k_hi = (torch.ceil(u) if ns % 2 else torch.floor(u) + 1).clamp_(0, nb).long()
-            at_lo = cum.gather(2, k_lo.expand(3, -1, -1))  # sums over bins [0, k_lo)
-            above = cum[:, :, -1:] - cum.gather(2, k_hi.expand(3, -1, -1))  # sums over bins [k_hi, nb)
-            # sum n (m / d - a)^2 = (S2 - 2 a d S1 + a^2 d^2 S0) / d^2, a = o (low) or o + ns (high)
-            lo_end, hi_end = o * d, (o + ns) * d
-            clipped = ((at_lo[2] - 2 * lo_end * at_lo[1] + lo_end * lo_end * at_lo[0]).clamp_(min=0)
-                       + (above[2] - 2 * hi_end * above[1] + hi_end * hi_end * above[0]).clamp_(min=0)) / (d * d)
-            if uniform:
-                inside = (cum[0].gather(1, k_hi) - cum[0].gather(1, k_lo)).clamp_(min=0)
-                return (inside / 12 + self.gamma * clipped) * deltas**2
-        mids, counts = mids.float(), hist.float()
-        # Empty bins add nothing: keep only the occupied ones (padded with zero counts), which matters for
-        # per-channel weights with few values per channel (depthwise kernels fill a handful of bins).
-        occupied = counts > 0
-        keep = int(occupied.sum(1).max())
-        if keep < nb:
-            order = torch.argsort(occupied.to(torch.uint8), dim=1, descending=True, stable=True)[:, :keep]
-            mids, counts, nb = mids.gather(1, order), counts.gather(1, order), keep
-        out = torch.empty(c, deltas.shape[1], **f64)
+        c, nb = mids.shape
+        out = torch.empty(c, deltas.shape[1], dtype=torch.float64, device=mids.device)
         for blk in _blocks(c, deltas.shape[1] * nb, _SEARCH_BLOCK_ELEMENTS):
             y = mids[blk, None, :] / d32[blk, :, None]
             y -= o32[blk, :, None]  # (c, K, B)
-            e2 = y.clamp(0, ns).round_().sub_(y).square_()  # clamp(round(y)) = round(clamp(y)): squared error
+            q = torch.round(y)
+            qc = q.clamp(0, ns)
+            clipped = q != qc if (self.gamma != 1.0 or self.quant_noise == "uniform") else None
+            e2 = qc.sub_(y).square_()  # squared error in units of delta^2
+            if self.quant_noise == "uniform":
+                e2 = torch.where(clipped, e2 * self.gamma, torch.full_like(e2, 1.0 / 12.0))
+            elif clipped is not None:
+                e2 = torch.where(clipped, e2.mul(self.gamma), e2)
             if e2.shape[0] == 1:
                 out[blk] = torch.matmul(e2[0], counts[blk][0]).unsqueeze(0)
             else:
                 out[blk] = e2.mul_(counts[blk, None, :]).sum(-1)
-        if clipped is not None:
-            out += (self.gamma - 1.0) * clipped
         return out * deltas**2
 
+    def _bounds(self, bins, hist: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, deltas: torch.Tensor,
+                offsets: torch.Tensor, ns: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lower, upper) float64 (c, K): bounds on expected_noise from closed forms, O(1) per candidate.
+
+        y = m / delta - offset increases with m, so the clipped bins (y < -1/2 or y > ns + 1/2) are a prefix
+        and a suffix of the bins, found by arithmetic on the equal-width bin grid. There the error is y or
+        y - ns, so its count-weighted square sum K is (S2 - 2 a S1 + a^2 S0) / delta^2 with a = o delta or
+        (o + ns) delta and S0, S1, S2 prefix sums of n, n m, n m^2. A rounding error is at most 1/2:
+        gamma K <= noise / delta^2 <= gamma K + n_inside / 4. A bin whose midpoint lies within float32
+        rounding of a threshold may be classified either way by the per-bin evaluation (its error^2 is ~1/4
+        either way): its count widens both bounds.
+        """
+        mids, counts, rank = bins
+        c, n_k, nb = deltas.shape[0], deltas.shape[1], self.num_bins
+        f64 = dict(dtype=torch.float64, device=deltas.device)
+        d, o = deltas.float().double(), offsets.float().double()  # as the float32 evaluation sees them
+        w = (hi - lo) / nb
+        base = (lo + w / 2)[:, None]
+        step = torch.where(w > 0, w, torch.ones_like(w))[:, None]  # zero width: every midpoint is 0 = lo
+        # threshold positions in bin units (bin b's midpoint is at b): low y = -1/2, high y = ns + 1/2
+        u = torch.cat([(o - 0.5) * d, (o + (ns + 0.5)) * d], 1).sub_(base).div_(step)  # (c, 2K)
+        # ambiguous: the nearest midpoint is within 1e-5 (float32 rounding of y is ~1e-7) of a threshold
+        near = u.round().clamp_(0, nb - 1)
+        tol = torch.tensor([1e-5 * 1.5, 1e-5 * (ns + 1.5)], **f64).repeat_interleave(n_k)
+        amb = (near - u).abs_().mul_(step).div_(d.repeat(1, 2)) <= tol
+        amb = torch.where(amb, hist.gather(1, near.long()), 0.0)
+        amb = (amb[:, :n_k] + amb[:, n_k:]) * 0.26
+        # clipped bins [0, k_lo) and [k_hi, nb); at y = ns + 1/2 exactly round-half-even clips iff ns + 1 is even
+        k = torch.cat([u[:, :n_k].ceil(), u[:, n_k:].ceil() if ns % 2 else u[:, n_k:].floor().add_(1)], 1)
+        k = k.clamp_(0, nb).long()
+        if rank is not None:  # positions among the kept bins
+            k = torch.cat([torch.zeros(c, 1, dtype=rank.dtype, device=rank.device), rank], 1).gather(1, k)
+        kept = counts.shape[1]
+        cum = torch.zeros(3, c, kept + 1, **f64)
+        torch.cumsum(torch.stack([counts, counts * mids, counts * mids * mids]), dim=2, out=cum[:, :, 1:])
+        s = cum.gather(2, k.expand(3, -1, -1))
+        s[:, :, n_k:] = cum[:, :, -1:] - s[:, :, n_k:]  # sums over [0, k_lo) | sums over [k_hi, end)
+        end = torch.cat([o * d, (o + ns) * d], 1)
+        sq = s[2].addcmul_(end, s[1], value=-2).addcmul_(end * end, s[0]).clamp_(min=0)
+        clipped = (sq[:, :n_k] + sq[:, n_k:]).div_(d * d)
+        inside = (cum[0, :, -1:] - s[0, :, :n_k] - s[0, :, n_k:]).clamp_(min=0)
+        scale = deltas**2
+        lower = (clipped - amb).clamp_(min=0).mul_(self.gamma * scale)
+        upper = (self.gamma * clipped + inside / 4 + max(self.gamma, 1.0) * amb).mul_(scale)
+        return lower, upper
+
     def compute_range(self, qmin: int, qmax: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Grid range (offset * delta, (offset + qmax - qmin) * delta) of the least-noise candidate."""
+        """Grid range (offset * delta, (offset + qmax - qmin) * delta) of the least-noise candidate.
+
+        The argmin of expected_noise, evaluated per bin only for candidates that can win: one whose lower
+        bound (`_bounds`) exceeds the smallest upper bound cannot; typically over 90% drop out. Channels are
+        processed in blocks so that temporaries stay small (cache-resident and reused by the allocator).
+        """
         deltas, offsets = self.candidates(qmin, qmax, symmetric)
         ns = qmax - qmin
-        best = self.expected_noise(deltas, offsets, ns).argmin(dim=1, keepdim=True)
+        c, n_k = deltas.shape
+        lo, hi = self._lo.to(torch.float64), self._hi.to(torch.float64)
+        best = torch.empty(c, 1, dtype=torch.long, device=deltas.device)
+        for blk in _blocks(c, n_k, _CHANNEL_BLOCK_ELEMENTS):
+            d, o = deltas[blk], offsets[blk]
+            bins = _occupied_bins(self._hist[blk], lo[blk], hi[blk])
+            pick = None
+            # Bounds cost about as much as 16 bins per candidate: with few occupied bins (a depthwise weight)
+            # evaluating every candidate per bin is cheaper.
+            if self.quant_noise == "midpoint" and bins[1].shape[1] > _PRUNE_MIN_BINS:
+                lower, upper = self._bounds(bins, self._hist[blk], lo[blk], hi[blk], d, o, ns)
+                # The margin covers float32 rounding of the per-bin sums (~1e-6 relative): a dropped candidate
+                # is worse than some kept one by more than that, so the argmin and its tie-break are unchanged.
+                alive = lower <= upper.min(dim=1, keepdim=True).values * (1 + 1e-4)
+                n_alive = alive.sum(1)
+                k = int(n_alive.max())
+                if 2 * k <= n_k:
+                    first = alive.to(torch.uint8).argmax(dim=1, keepdim=True)
+                    dest = torch.where(alive, alive.cumsum(1) - 1, k)  # dropped ones go to a scratch column
+                    cand = torch.arange(n_k, device=d.device).expand_as(d)
+                    pick = torch.zeros(d.shape[0], k + 1, dtype=torch.long, device=d.device)
+                    pick = pick.scatter_(1, dest, cand)[:, :k]
+                    pick = torch.where(torch.arange(k, device=d.device) < n_alive[:, None], pick, first)  # pad
+            if pick is None:
+                best[blk] = self._noise(bins, d, o, ns).argmin(dim=1, keepdim=True)
+            else:
+                noise = self._noise(bins, d.gather(1, pick), o.gather(1, pick), ns)
+                best[blk] = pick.gather(1, noise.argmin(dim=1, keepdim=True))
         delta, offset = deltas.gather(1, best).squeeze(1), offsets.gather(1, best).squeeze(1)
         min_ = offset * delta
         return self._shaped(min_.float()), self._shaped((min_ + ns * delta).float())
@@ -597,34 +720,42 @@ class PercentileObserver(HistogramObserver):
 
 
 # ===================================================================================================== MSE
-def _clip_error_below(prefix: tuple[torch.Tensor, ...], s: torch.Tensor) -> torch.Tensor:
+def _bin_position(s: torch.Tensor, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, part): the bin index floor(s) clamped to [0, B] and the position inside it clamped to [0, 1]."""
+    k = s.floor().clamp_(0, nb).long()
+    return k, (s - k).clamp_(0, 1)
+
+
+def _clip_error_below(table: tuple[torch.Tensor, torch.Tensor], s: torch.Tensor, k: torch.Tensor,
+                      part: torch.Tensor) -> torch.Tensor:
     """sum over the histogram mass below s of (s - u)^2, in bin units, mass uniform inside each bin.
 
-    prefix = (P0, P1, P2, n): (C, B+1) prefix sums of n_j, n_j (j + 1/2), n_j (j^2 + j + 1/3) and the
-    counts padded with a 0; s: (C, K) thresholds in bin units (bin j covers [j, j + 1)).
+    table = (P, n): P (3, C, B+1) prefix sums of n_j, n_j (j + 1/2), n_j (j^2 + j + 1/3) and n (C, B+1) the
+    counts padded with a 0; s: (C, K) thresholds in bin units (bin j covers [j, j + 1)), k and part from
+    `_bin_position(s)`.
     """
-    p0, p1, p2, n = prefix
-    nb = n.shape[1] - 1
-    k = s.floor().clamp(0, nb).long()
-    part = (s - k).clamp(0, 1)
-    full = s * s * p0.gather(1, k) - 2 * s * p1.gather(1, k) + p2.gather(1, k)
+    p, n = table
+    p0, p1, p2 = p.gather(2, k.expand(3, -1, -1)).unbind(0)
+    full = s * s * p0 - 2 * s * p1 + p2
     return full + n.gather(1, k) * part.pow(3) / 3
 
 
-def _mass_below(prefix: tuple[torch.Tensor, ...], s: torch.Tensor) -> torch.Tensor:
+def _mass_below(table: tuple[torch.Tensor, torch.Tensor], s: torch.Tensor, k: torch.Tensor,
+                part: torch.Tensor) -> torch.Tensor:
     """Histogram mass below s (bin units): the piecewise-linear cumulative count."""
-    p0, _, _, n = prefix
-    nb = n.shape[1] - 1
-    k = s.floor().clamp(0, nb).long()
-    return p0.gather(1, k) + n.gather(1, k) * (s - k).clamp(0, 1)
+    p, n = table
+    return p[0].gather(1, k) + n.gather(1, k) * part
 
 
-def _prefix_sums(hist: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _prefix_table(hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, n) for `_clip_error_below`: P (3, C, B+1) prefix sums (leading 0) of n_j, n_j (j + 1/2) and
+    n_j (j^2 + j + 1/3); n (C, B+1) the counts with a trailing 0."""
     c, nb = hist.shape
     j = torch.arange(nb, dtype=torch.float64, device=hist.device)
-    zero = torch.zeros(c, 1, dtype=torch.float64, device=hist.device)
-    cums = [torch.cat([zero, (hist * m).cumsum(1)], dim=1) for m in (1.0, j + 0.5, j * j + j + 1.0 / 3.0)]
-    return (*cums, torch.cat([hist, zero], dim=1))
+    weights = torch.stack([torch.ones_like(j), j + 0.5, j * j + j + 1.0 / 3.0])
+    zero = torch.zeros(3, c, 1, dtype=torch.float64, device=hist.device)
+    p = torch.cat([zero, (hist * weights[:, None, :]).cumsum(2)], dim=2)
+    return p, torch.cat([hist, zero[0]], dim=1)
 
 
 class MseObserver(HistogramObserver):
@@ -673,24 +804,29 @@ class MseObserver(HistogramObserver):
         return deltas.flatten(1), offsets.flatten(1)
 
     def expected_error(self, deltas: torch.Tensor, offsets: torch.Tensor, num_steps: int) -> torch.Tensor:
-        """(C, K) float64 expected sum of squared errors of each candidate grid on this histogram."""
+        """(C, K) float64 expected sum of squared errors of each candidate grid on this histogram.
+
+        Channels are processed in blocks so that the prefix sums and per-candidate temporaries stay small
+        (cache-resident and reused by the allocator instead of page-faulted afresh); per channel the
+        arithmetic is exactly that of `_clip_error_below` and `_mass_below`.
+        """
         hist = self._hist
         c, nb = hist.shape
         lo, hi = self._lo.to(torch.float64), self._hi.to(torch.float64)
         w = (hi - lo) / nb
         # A zero-width histogram holds only zeros: any grid represents them exactly, bin width is moot.
         w = torch.where(w > 0, w, torch.full_like(w, _MIN_DELTA))[:, None]
-        fwd, rev = _prefix_sums(hist), _prefix_sums(hist.flip(1))
         out = torch.empty(c, deltas.shape[1], dtype=torch.float64, device=hist.device)
-        for blk in _blocks(c, deltas.shape[1] * 8):
-            d, o = deltas[blk], offsets[blk]
-            s = (o * d - lo[blk, None]) / w[blk]  # grid ends in bin units
-            t = ((o + num_steps) * d - lo[blk, None]) / w[blk]
-            f = tuple(a[blk] for a in fwd)
-            r = tuple(a[blk] for a in rev)
-            clip = _clip_error_below(f, s) + _clip_error_below(r, nb - t)
-            inside = (_mass_below(f, t) - _mass_below(f, s)).clamp_(min=0)
-            out[blk] = clip * w[blk] ** 2 + inside * d * d / 12
+        for blk in _blocks(c, deltas.shape[1], _CHANNEL_BLOCK_ELEMENTS):
+            d, o, wb, lob = deltas[blk], offsets[blk], w[blk], lo[blk, None]
+            s = (o * d - lob) / wb  # grid ends in bin units
+            t = ((o + num_steps) * d - lob) / wb
+            fwd, rev = _prefix_table(hist[blk]), _prefix_table(hist[blk].flip(1))
+            ks, part_s = _bin_position(s, nb)
+            clip = _clip_error_below(fwd, s, ks, part_s)
+            clip += _clip_error_below(rev, nb - t, *_bin_position(nb - t, nb))
+            inside = _mass_below(fwd, t, *_bin_position(t, nb)).sub_(_mass_below(fwd, s, ks, part_s)).clamp_(min=0)
+            out[blk] = clip * wb**2 + inside * d * d / 12
         return out
 
     def compute_range(self, qmin: int, qmax: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:

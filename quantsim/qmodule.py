@@ -42,7 +42,7 @@ class QuantizationMixin:
 
         With autograd on, the fake-quantized weight is not kept for backward: a saved-tensor hook stores a
         reference to the parameter instead and recomputes the (bit-identical) value when backward needs it,
-        so a QAT step holds no second copy of the weights (docs/batchnorm.md, "QAT memory").
+        so a QAT step holds no second copy of the weights (docs/batchnorm_math.md, "QAT numerics").
         """
         shadowed = []
         recompute = {}

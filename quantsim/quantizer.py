@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -71,7 +72,7 @@ class QuantizeDequantize(nn.Module):
         return self.scale.detach().abs().clamp(min=numerics.SCALE_EPS) if self.is_initialized() else None
 
     def get_offset(self) -> torch.Tensor | None:
-        """The offset the kernels use: -clamp(round_half_even(-offset), qmin, qmax) (docs/math.md, "Range learning")."""
+        """The offset the kernels use: -clamp(round_half_even(-offset), qmin, qmax) (batchnorm_math.md)."""
         return (-self._zero_point(self.offset.detach()).float()) + 0.0 if self.is_initialized() else None  # no -0.0
 
     def _zero_point(self, offset: torch.Tensor) -> torch.Tensor:
@@ -219,13 +220,15 @@ class QuantizeDequantize(nn.Module):
         xc = xc.float() if xc.dtype != torch.float32 else xc
         if self.channel_axis is None:
             lo, hi = torch.amin(xc), torch.amax(xc)
-        else:  # amin + amax: torch's aminmax(dim=) is a scalar loop, ~30x slower on weight rows
-            rows = xc.reshape(xc.shape[0], -1)
-            lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+        elif xc.dim() == 1:
+            lo, hi = xc, xc
+        else:  # amin + amax (torch's aminmax(dim=) is a scalar loop, ~30x slower), reducing without a reshape
+            dims = tuple(range(1, xc.dim()))
+            lo, hi = xc.amin(dim=dims), xc.amax(dim=dims)
         return lo, hi  # NaN/Inf propagate into the scale, which _set_range_fast checks
 
     def _follow(self, x: torch.Tensor) -> None:
-        """Keep a param quantizer's encoding in step with its (changing) tensor; docs/batchnorm.md, "QAT".
+        """Keep a param quantizer's encoding in step with its (changing) tensor (docs/batchnorm_math.md, QAT).
 
         min_max: recomputed from the new tensor (one aminmax, identical to compute_from). Histogram schemes:
         the scheme runs once; afterwards its per-channel clipping ratio (encoding range / min-max range) is
@@ -236,7 +239,6 @@ class QuantizeDequantize(nn.Module):
         if not self._ready():
             self.compute_from(x)  # first encoding: the full scheme
             self._seen_version = version
-            self._covers_key = self._enc_key() if minmax and self.symmetric else None
             if not minmax:
                 self._record_ratio(x)
             return
@@ -249,8 +251,8 @@ class QuantizeDequantize(nn.Module):
                 self.set_range(*self.fixed_range)
             else:
                 self._set_range_fast(*self._channel_minmax(x), like=x)
-            # a symmetric min-max grid holds every element of x: its STE mask would be all ones
-            self._covers_key = self._enc_key() if self.symmetric else None
+                if self.symmetric:  # a symmetric min-max grid holds every element of x: no STE mask needed
+                    self.__dict__["_covers_cache"] = (self._enc_key(), version)
         elif getattr(self, "_ratio_key", None) == self._enc_key():
             lo, hi = self._channel_minmax(x)
             self._set_range_fast(lo.clamp(max=0) * self._ratio[0], hi.clamp(min=0) * self._ratio[1])
@@ -270,9 +272,10 @@ class QuantizeDequantize(nn.Module):
             scale, offset = torch.maximum(hi / qmax, lo / qmin).clamp_(min=numerics.SCALE_EPS), None
         else:
             scale, offset = numerics.encoding_from_range(lo, hi, qmin, qmax, self.symmetric)
-        if not math.isfinite(float(scale.sum())):
+        if scale.device.type == "cpu" and not math.isfinite(float(scale.sum())):  # no device sync elsewhere
             raise ValueError(f"{self.name or 'quantizer'}: tensor holds NaN or Inf; cannot follow it")
-        self.qmin, self.qmax = qmin, qmax
+        if (qmin, qmax) != (self.qmin, self.qmax):
+            self.qmin, self.qmax = qmin, qmax
         self.scale.copy_(scale.reshape(self.scale.shape))
         if offset is not None:
             self.offset.copy_(offset.reshape(self.offset.shape))
@@ -302,6 +305,26 @@ class QuantizeDequantize(nn.Module):
     def _kernel_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, int32 zero point) exactly as the kernels receive them (new tensors, detached)."""
         return self.scale.detach().abs().clamp(min=numerics.SCALE_EPS), self._zero_point(self.offset.detach())
+
+    def _covers(self, x: torch.Tensor, kp: "_KernelParams") -> bool:
+        """True when no element of x (a weight) falls outside the grid, so the STE mask is all ones. Exact:
+        round(x / scale) is monotone in x, so each channel's min and max decide; cached per (encoding, tensor)."""
+        key = (self._enc_key(), (x.data_ptr(), x._version))
+        cached = self.__dict__.get("_covers_cache")
+        if cached is not None and cached[0] == key[0] and cached[1] == key[1]:
+            return True
+        with torch.no_grad():
+            if kp.axis is None:
+                lo, hi = x.amin(), x.amax()
+            else:
+                dims = tuple(d for d in range(x.dim()) if d != kp.axis)
+                lo = x.amin(dim=dims, keepdim=True) if dims else x
+                hi = x.amax(dim=dims, keepdim=True) if dims else x
+            inv = kp.inv if x.dtype == torch.float32 else kp.inv.double()
+            ok = bool(((lo * inv).round() >= kp.lo_q).all() & ((hi * inv).round() <= kp.hi_q).all())
+        if ok:
+            self.__dict__["_covers_cache"] = key
+        return ok
 
     def _kp_key(self, ndim: int, axis: int | None) -> tuple:
         return (self.scale._version, self.offset._version, self.scale.data_ptr(), self.offset.data_ptr(),
@@ -348,7 +371,7 @@ class QuantizeDequantize(nn.Module):
         else:
             kp = self._kparams(xq.dim(), axis)
             if torch.is_grad_enabled() and xq.requires_grad:
-                need_mask = clip is not None or self.__dict__.get("_covers_key") != self._enc_key()
+                need_mask = clip is not None or not (self.follows_input and self._covers(xq, kp))
                 y = _FakeQuantSTE.apply(xq, kp, need_mask, clip)
             else:
                 y = _fake_quantize(xq, kp, clip)
@@ -373,7 +396,7 @@ class _KernelParams:
     1/scale and the bounds of round(x/scale) (Python floats on CPU when they are one number) for ours."""
 
     __slots__ = ("key", "flat_scale", "_zero_point", "qmin", "qmax", "axis", "scale", "inv", "lo_q", "hi_q",
-                 "mid_q", "half_q", "_clips")
+                 "_clips")
 
     def __init__(self, key, scale, zero_point, qmin, qmax, ndim, axis):
         """zero_point: int32 tensor shaped like scale, or None for all zeros."""
@@ -389,7 +412,6 @@ class _KernelParams:
             self.lo_q, self.hi_q = qmin - zp, qmax - zp  # bounds of round(x/scale) = q - zero_point
             if scale.device.type == "cpu" and axis is None:
                 self.lo_q, self.hi_q = float(self.lo_q), float(self.hi_q)
-        self.mid_q, self.half_q = (self.lo_q + self.hi_q) / 2, (self.hi_q - self.lo_q) / 2  # exact: halves of ints
         self._clips = {}
 
     @property
@@ -398,42 +420,63 @@ class _KernelParams:
             self._zero_point = torch.zeros(self.flat_scale.shape, dtype=torch.int32, device=self.flat_scale.device)
         return self._zero_point
 
-    def clip_bounds(self, clip):
-        """Bounds of round(x/scale) after x is clamped to [lo, hi]: round is monotone, so clamp(x) then round
-        equals round then clamp to round(lo/scale), round(hi/scale) (computed with the same float32 ops)."""
+    def bounds(self, clip=None):
+        """(a, b, test_lo, test_hi) for `v = x * inv` (float32, as the kernels compute it):
+        x_hat = round(clamp(v, a, b)) * scale, and the STE mask is `clamp(v, a, b) == v`, times x > lo / x < hi
+        where the flags say so. Math: docs/batchnorm_math.md, "QAT numerics"."""
         if clip not in self._clips:
-            lo_q, hi_q = self.lo_q, self.hi_q
-            for i, bound in enumerate(clip):
-                if bound is None:
-                    continue
-                r = torch.round(torch.full_like(self.inv, bound) * self.inv)
-                if isinstance(lo_q, float) and r.dim() == 0:
-                    r = float(r)
-                    lo_q, hi_q = (max(lo_q, r), hi_q) if i == 0 else (lo_q, min(hi_q, r))
-                else:
-                    lo_q = torch.maximum(torch.as_tensor(lo_q, device=r.device), r) if i == 0 else lo_q
-                    hi_q = torch.minimum(torch.as_tensor(hi_q, device=r.device), r) if i == 1 else hi_q
-            if isinstance(lo_q, float) != isinstance(hi_q, float):  # clamp_ takes two numbers or two tensors
-                lo_q, hi_q = (torch.as_tensor(b, dtype=torch.float32, device=self.inv.device) for b in (lo_q, hi_q))
-            self._clips[clip] = (lo_q, hi_q)
+            dev = self.inv.device
+            if clip is None and isinstance(self.lo_q, float):  # the common weight case: plain Python numbers
+                self._clips[clip] = (_round_threshold(self.lo_q, +1), _round_threshold(self.hi_q, -1), False, False)
+                return self._clips[clip]
+            lo_q, hi_q = (torch.as_tensor(t, dtype=torch.float32, device=dev) for t in (self.lo_q, self.hi_q))
+            lo, hi = clip if clip is not None else (None, None)
+            v_lo = None if lo is None else torch.full_like(self.inv, lo) * self.inv
+            v_hi = None if hi is None else torch.full_like(self.inv, hi) * self.inv
+            if v_lo is not None:  # round is monotone: round(max(x, lo) * inv) = max(round(x * inv), round(lo * inv))
+                lo_q = torch.maximum(lo_q, torch.round(v_lo))
+            if v_hi is not None:
+                hi_q = torch.minimum(hi_q, torch.round(v_hi))
+            # round_half_even(v) >= L <=> v >= L - 1/2 (L even) or v > L - 1/2 (L odd); <= H likewise
+            a, b = lo_q - 0.5, hi_q + 0.5
+            a = torch.where(torch.remainder(lo_q, 2) == 1, torch.nextafter(a, a + 1), a)
+            b = torch.where(torch.remainder(hi_q, 2) == 1, torch.nextafter(b, b - 1), b)
+            test_lo = test_hi = False
+            if lo == 0.0:  # x > 0 <=> v > 0; tiny still rounds to max(lo_q, 0), so the values are unchanged
+                a = torch.clamp(a, min=torch.finfo(torch.float32).tiny)
+            elif v_lo is not None:
+                test_lo = bool((v_lo >= a).any())  # else x <= lo already lands below a
+            if v_hi is not None:
+                test_hi = bool((v_hi <= b).any())
+            if a.dim() == 0 and dev.type == "cpu":  # numbers take torch's fast clamp path
+                a, b = float(a), float(b)
+            self._clips[clip] = (a, b, test_lo, test_hi)
         return self._clips[clip]
+
+
+def _round_threshold(q: float, side: int) -> float:
+    """side=+1: the smallest float32 v with round_half_even(v) >= q; side=-1: the largest with <= q."""
+    t = np.float32(q - 0.5 * side)  # exact for |q| < 2**23
+    if int(q) % 2 == 1:  # the tie at q -/+ 1/2 rounds away from odd q
+        t = np.nextafter(t, np.float32(np.inf * side))
+    return float(t)
 
 
 def _composite(x, kp: _KernelParams, clip=None, want_mask=False):
     """(x_hat, mask or None) with the kernels' arithmetic; clip=(lo, hi) clamps x first (mask adds lo < x < hi)."""
-    r = torch.mul(x, kp.inv).round_()
-    mask = None
-    if want_mask:  # built in float32 (vectorized) and cast to bool once: lo <= r <= hi  <=>  |r - mid| <= half
-        m = torch.sub(r, kp.mid_q).abs_().le_(kp.half_q)
-        if clip is not None:
-            tmp = torch.empty_like(m)
-            if clip[0] is not None:
-                m.mul_(torch.gt(x, clip[0], out=tmp))
-            if clip[1] is not None:
-                m.mul_(torch.lt(x, clip[1], out=tmp))
-        mask = m.to(torch.bool)
-    lo_q, hi_q = (kp.lo_q, kp.hi_q) if clip is None else kp.clip_bounds(clip)
-    return r.clamp_(lo_q, hi_q).mul_(kp.scale), mask
+    a, b, test_lo, test_hi = kp.bounds(clip)
+    v = torch.mul(x, kp.inv)
+    if not want_mask:
+        return v.clamp_(a, b).round_().mul_(kp.scale), None
+    c = torch.clamp(v, a, b)
+    m = torch.eq(c, v, out=v)  # 1.0 inside, 0.0 clipped (float32: the vectorized path); reuses v's memory
+    if test_lo or test_hi:
+        tmp = torch.empty_like(m)
+        if test_lo:
+            m.mul_(torch.gt(x, clip[0], out=tmp))
+        if test_hi:
+            m.mul_(torch.lt(x, clip[1], out=tmp))
+    return c.round_().mul_(kp.scale), m.to(torch.bool)
 
 
 def _fake_quantize(x, kp: _KernelParams, clip=None):

@@ -1,0 +1,126 @@
+"""One QAT step (forward, backward, SGD step) on sim.model / the same step on the float model, and peak memory;
+also PyTorch's own QAT (torch.ao prepare_qat_fx, per-channel weight fake-quant) when this torch still ships it."""
+from __future__ import annotations
+
+import copy
+import warnings
+import weakref
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from quantsim import QuantizationSimModel
+
+from .common import Table, interleaved_medians, peak_tensor_bytes
+from .models import batches, make_model
+
+TIME_TARGET = 1.4
+MEMORY_TARGET = 1.3
+BATCH = 16
+
+
+class _PeakNewStorage(TorchDispatchMode):
+    """Peak bytes of storages allocated by ops, skipping op results that alias an input (views, in-place ops):
+    a view of a weight is not a new allocation (common.peak_tensor_bytes counts the weight's bytes for it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        for i, t in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            if i < len(returns) and returns[i].alias_info is not None:
+                continue
+            st = t.untyped_storage()
+            key, nbytes = st.data_ptr(), st.nbytes()
+            if key in self._seen or nbytes == 0:
+                continue
+            self._seen.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+
+            def release(key=key, nbytes=nbytes):
+                self.live -= nbytes
+                self._seen.discard(key)
+
+            weakref.finalize(st, release)
+        return out
+
+
+def peak_new_bytes(fn) -> int:
+    mode = _PeakNewStorage()
+    with mode:
+        fn()
+    return mode.peak
+
+
+def _torch_ao_qat(model: nn.Module, example: torch.Tensor):
+    """torch.ao's FX QAT model (x86 default QAT qconfig: per-channel symmetric weights, fused observer+fake-quant,
+    conv-BN fused with BN simulated in training), or None when this torch no longer ships it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torch.ao.quantization import get_default_qat_qconfig_mapping
+            from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+            return prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping("x86"), (example,))
+    except Exception:  # ImportError, or an API change in a newer torch
+        return None
+
+
+def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def run(quick: bool = False, models=("resnet18", "mobilenet_v2")) -> list[Table]:
+    table = Table(
+        f"QAT step (forward + backward + SGD step, batch {BATCH}) / the same step on the float model",
+        ["model", "candidate", "step ratio", "target", "ok", "peak mem ratio", "target", "ok", "common peak ratio"],
+        notes=[
+            "sim: QuantizationSimModel(config='default', min_max, W8 per-channel / A8), after compute_encodings; "
+            "BN stays a real BN (batch statistics, running-stat updates)",
+            "torch.ao: prepare_qat_fx with get_default_qat_qconfig_mapping('x86') (per-channel weight fake-quant)",
+            "peak mem = bytes of new tensor storages (activations, saved tensors, grads, temporaries); 'common peak' "
+            "is benchmarks.common.peak_tensor_bytes, which also counts views of existing tensors as allocations",
+            "medians of interleaved repeats in one process; image size " + ("64 (quick)" if quick else "112"),
+        ],
+    )
+    for name in models:
+        model = make_model(name, quick)
+        data = batches(2, BATCH, quick)
+        x, y = data[1], torch.randint(0, 10, (BATCH,), generator=torch.Generator().manual_seed(0))
+        sim = QuantizationSimModel(model)
+        sim.compute_encodings(data[:1], progress=False)
+        fns = {"float": _step_fn(copy.deepcopy(model).train(), x, y), "sim": _step_fn(sim.model.train(), x, y)}
+        ao = _torch_ao_qat(model, x)
+        if ao is not None:
+            fns["torch.ao"] = _step_fn(ao, x, y)
+        med = interleaved_medians(fns, repeats=3 if quick else 7, warmup=2)
+        peaks = {k: peak_new_bytes(fn) for k, fn in fns.items()}
+        common = {k: peak_tensor_bytes(fn) for k, fn in fns.items()}
+        for cand in [c for c in ("sim", "torch.ao") if c in fns]:
+            ratio = med[cand] / med["float"]
+            mem = peaks[cand] / max(peaks["float"], 1)
+            table.add(name, cand, ratio, TIME_TARGET, "yes" if ratio <= TIME_TARGET else "NO", mem, MEMORY_TARGET,
+                      "yes" if mem <= MEMORY_TARGET else "NO", common[cand] / max(common["float"], 1))
+        if ao is None:
+            table.add(name, "torch.ao", "n/a", TIME_TARGET, "-", "n/a", MEMORY_TARGET, "-", "n/a")
+        table.notes.append(f"{name}: float step {med['float'] * 1e3:.0f} ms, "
+                           f"float peak {peaks['float'] / 2**20:.0f} MB")
+    if any(r[1] == "torch.ao" and r[2] == "n/a" for r in table.rows):
+        table.notes.append("torch.ao.quantization.quantize_fx is not available in this torch: skipped")
+    return [table]
