@@ -7,6 +7,7 @@ QuantizationSimModel"). The torch-free `export` package writes the encodings fil
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -699,6 +700,15 @@ def _write_all(files: dict[str, bytes]) -> None:
         raise
 
 
+def _without_int32_bias(enc: Encodings) -> Encodings:
+    """The encodings minus derived int32 bias entries: the QDQ builder makes the same int32 bias (scale = input scale
+    x weight scale) from the on-grid float bias itself, and treats a bias it finds encoded as an activation."""
+    params = {k: v for k, v in enc.params.items() if v.bitwidth != 32}
+    if len(params) == len(enc.params):
+        return enc
+    return dataclasses.replace(enc, params=params)
+
+
 def export(sim, path, filename_prefix: str, dummy_input=None, *, encoding_version: str = "1.0.0", qdq: bool = True,
            qdq_options: QDQOptions | None = None, opset_version: int = DEFAULT_OPSET, input_names=None,
            output_names=None, dynamic_batch: bool = True) -> ExportPaths:
@@ -729,7 +739,7 @@ def export(sim, path, filename_prefix: str, dummy_input=None, *, encoding_versio
         opts = _copy_options(qdq_options)
         opts.allow_float_ops = tuple(sorted(set(opts.allow_float_ops) | set(float_ops)))
         try:
-            qdq_model = build_qdq(ox.model, enc, opts)
+            qdq_model = build_qdq(ox.model, _without_int32_bias(enc), opts)
         except (QDQError, EncodingsError) as e:
             module = _module_for(ox, e) or _float_op_owner(sim, getattr(e, "node", None))
             where = f"module '{module}'" if module else "the model"

@@ -52,6 +52,9 @@ class OpGraph:
     def __getitem__(self, name: str) -> OpNode:
         return self._by_name[name]
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
     def __iter__(self):
         return iter(self.nodes)
 

@@ -9,7 +9,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .config import NodePlacement, QuantSpec, load_config, place
+from .bias import DerivedBiasQuantizer
+from .config import GRID_PRESERVING_OP_TYPES, NodePlacement, QuantSpec, load_config, place
 from .graph import Captured, capture
 from .qmodule import QuantizationMixin, is_quantized, make_quantized
 from .quantizer import QuantizeDequantize
@@ -79,6 +80,7 @@ class QuantizationSimModel:
         config_file: Any = None,
         learn_ranges: bool | None = None,
         percentile: float | None = None,
+        int32_bias: bool | None = None,
     ):
         if config_file is not None:
             config = config_file
@@ -97,6 +99,10 @@ class QuantizationSimModel:
             self.graph, self.config, default_param_bw=self.default_param_bw, default_output_bw=self.default_output_bw
         )
         self._insert_quantizers()
+        #: simulate the int32 bias of integer kernels (default: on for the onnxruntime_cpu preset's target)
+        self.int32_bias = (self.config.defaults.hw_version == "ORT_CPU") if int32_bias is None else bool(int32_bias)
+        if self.int32_bias:
+            self.attach_int32_bias()
         learn = self.quant_scheme.learns_ranges if learn_ranges is None else bool(learn_ranges)
         if learn:
             self.set_learn_ranges(True)
@@ -149,6 +155,44 @@ class QuantizationSimModel:
                     spec, qname, shape=shape, channel_axis=axis, follows_input=True, groups=groups
                 )
             module.to(dev)
+
+    def _activation_quantizer_of(self, source: str | None) -> QuantizeDequantize | None:
+        """The quantizer that put the tensor produced by `source` on its grid (through grid-preserving ops)."""
+        while source is not None and source in self.graph:
+            node = self.graph[source]
+            module = self.model.get_submodule(source) if node.op_type else None
+            q = module.output_quantizers[0] if module is not None and is_quantized(module) else None
+            if q is not None:
+                return q
+            if node.op_type not in GRID_PRESERVING_OP_TYPES or not node.inputs:
+                return None
+            source = node.inputs[0]
+        return None
+
+    def attach_int32_bias(self) -> list[str]:
+        """Give every Conv/ConvTranspose/Gemm with a float bias, a quantized input and a quantized weight the int32
+        bias that integer kernels add (scale = input scale x weight scale); returns the layers changed. Called again
+        after BN folding, which creates biases."""
+        changed = []
+        for node in self.graph:
+            if node.op_type not in ("Conv", "ConvTranspose", "Gemm"):
+                continue
+            module = self.model.get_submodule(node.name)
+            if not is_quantized(module) or getattr(module, "bias", None) is None:
+                continue
+            current = module.param_quantizers["bias"] if "bias" in module.param_quantizers else None
+            w_q = module.param_quantizers["weight"] if "weight" in module.param_quantizers else None
+            if (current is not None and not isinstance(current, DerivedBiasQuantizer)) or w_q is None:
+                continue  # the config quantizes this bias itself, or the weight stays float
+            in_q = module.input_quantizers[0] if len(module.input_quantizers) else None
+            in_q = in_q or self._activation_quantizer_of(node.inputs[0] if node.inputs else None)
+            if in_q is None:
+                continue
+            module.param_quantizers["bias"] = DerivedBiasQuantizer(
+                module.bias.shape[0], in_q, w_q, name=f"{node.name}.param_quantizers['bias']"
+            ).to(module.bias.device)
+            changed.append(node.name)
+        return changed
 
     # ------------------------------------------------------------------ quantizer access
     def named_quantizers(self) -> Iterator[tuple[str, QuantizeDequantize]]:

@@ -19,6 +19,7 @@ from torch import nn
 from export import EncodingsError, QDQError, TensorEncoding, build_qdq, integer_kernel_report, read_encodings, run
 from export.encodings import Encodings
 from quantsim import QuantizationSimModel
+from quantsim.bias import DerivedBiasQuantizer
 from quantsim.batchnorm import reestimate_bn_stats
 from quantsim.exporter import ExportError, export_onnx, onnxruntime_fidelity
 from quantsim.models import SmallBNCNN, TransformerBlock, mobilenet_v2, resnet18
@@ -209,6 +210,9 @@ def test_save_state_into_another_model_names_the_mismatch(exported, tmp_path):
     with pytest.raises(ValueError, match="conv1.weight has shape"):
         other.load_state(path)
     per_tensor = QuantizationSimModel(model, "per_tensor", dummy_input=dummy)
+    with pytest.raises(ValueError, match=r"fc\.param_quantizers\['bias'\] does not exist in this sim"):
+        per_tensor.load_state(path)  # the onnxruntime_cpu sim simulates int32 biases, this one does not
+    per_tensor = QuantizationSimModel(model, "per_tensor", dummy_input=dummy, int32_bias=True)
     with pytest.raises(ValueError, match="scale has shape"):
         per_tensor.load_state(path)
 
@@ -230,8 +234,8 @@ def test_aimet_style_0_6_1_file_loads(exported, tmp_path):
     ours = json.load(open(sim.export(tmp_path, "x", dummy, encoding_version="0.6.1", qdq=False).encodings))
     params, acts = {}, {}
     for name, q in sim.named_quantizers():
-        if not q.enabled or ".param_quantizers[" not in name:
-            continue
+        if not q.enabled or ".param_quantizers[" not in name or isinstance(q, DerivedBiasQuantizer):
+            continue  # AIMET files carry no bias encodings; the int32 bias is derived from input x weight scale
         path = name.replace(".param_quantizers['", ".").rstrip("']")
         params[path] = [{"bitwidth": 8, "dtype": "int", "is_symmetric": "True", "offset": -128.0, "scale": float(s),
                          "min": float(s) * -128, "max": float(s) * 127} for s in q.get_scale().reshape(-1).tolist()]
