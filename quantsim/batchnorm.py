@@ -757,6 +757,8 @@ def fold_all_batch_norms_to_scale(sim) -> FoldedPairs:
         done_f.append((bn_path, conv_path))
     if done_b or done_f:
         _update_sim_records(sim, done_b, done_f)
+        if getattr(sim, "int32_bias", False):
+            sim.attach_int32_bias()  # folding gave layers (new) biases: simulate them as the kernels add them
     return FoldedPairs(done_b, done_f)
 
 

@@ -73,3 +73,17 @@ def test_int32_bias_brings_onnxruntime_and_sim_together(tmp_path):
     # rare rounding ties between float and int32 accumulation still compound through 17 blocks)
     assert results[True]["within_1"] >= 0.85 and results[True]["top1_agreement"] == 1.0, results[True]
     assert results[True]["within_1"] > results[False]["within_1"] + 0.5, (results[True], results[False])
+
+
+def test_fold_to_scale_gives_new_biases_int32_quantizers():
+    from quantsim.batchnorm import fold_all_batch_norms_to_scale
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    sim = QuantizationSimModel(model, config="onnxruntime_cpu")
+    sim.compute_encodings([torch.randn(4, 3, 8, 8)])
+    assert "bias" not in sim.model[0].param_quantizers or sim.model[0].param_quantizers["bias"] is None
+    fold_all_batch_norms_to_scale(sim)
+    assert isinstance(sim.model[0].param_quantizers["bias"], DerivedBiasQuantizer)
+    y = sim.model(torch.randn(2, 3, 8, 8))
+    assert torch.isfinite(y).all()
