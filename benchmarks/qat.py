@@ -3,6 +3,8 @@ also PyTorch's own QAT (torch.ao prepare_qat_fx, per-channel weight fake-quant) 
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 import warnings
 import weakref
 
@@ -12,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from quantsim import QuantizationSimModel
 
-from .common import Table, interleaved_medians, peak_tensor_bytes
+from .common import Table, peak_tensor_bytes
 from .models import batches, make_model
 
 TIME_TARGET = 1.4
@@ -74,6 +76,24 @@ def _torch_ao_qat(model: nn.Module, example: torch.Tensor):
         return None
 
 
+def paired_ratios(fns: dict, baseline: str, repeats: int, warmup: int = 2) -> tuple[dict, dict]:
+    """(median of per-round time ratios to `baseline`, median times). Every round runs each candidate right
+    after (or before: the order alternates) the baseline, so load that changes over seconds cancels in a ratio;
+    the median over rounds drops rounds hit by a burst."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    ratios = {k: statistics.median(t / b for t, b in zip(times[k], times[baseline])) for k in fns}
+    return ratios, {k: statistics.median(v) for k, v in times.items()}
+
+
 def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
@@ -96,7 +116,8 @@ def run(quick: bool = False, models=("resnet18", "mobilenet_v2")) -> list[Table]
             "torch.ao: prepare_qat_fx with get_default_qat_qconfig_mapping('x86') (per-channel weight fake-quant)",
             "peak mem = bytes of new tensor storages (activations, saved tensors, grads, temporaries); 'common peak' "
             "is benchmarks.common.peak_tensor_bytes, which also counts views of existing tensors as allocations",
-            "medians of interleaved repeats in one process; image size " + ("64 (quick)" if quick else "112"),
+            "step ratio = median over rounds of (candidate time / float time in the same round), order alternating; "
+            "image size " + ("64 (quick)" if quick else "112"),
         ],
     )
     for name in models:
@@ -109,11 +130,11 @@ def run(quick: bool = False, models=("resnet18", "mobilenet_v2")) -> list[Table]
         ao = _torch_ao_qat(model, x)
         if ao is not None:
             fns["torch.ao"] = _step_fn(ao, x, y)
-        med = interleaved_medians(fns, repeats=3 if quick else 7, warmup=2)
+        ratios, med = paired_ratios(fns, "float", repeats=5 if quick else 11)
         peaks = {k: peak_new_bytes(fn) for k, fn in fns.items()}
         common = {k: peak_tensor_bytes(fn) for k, fn in fns.items()}
         for cand in [c for c in ("sim", "torch.ao") if c in fns]:
-            ratio = med[cand] / med["float"]
+            ratio = ratios[cand]
             mem = peaks[cand] / max(peaks["float"], 1)
             table.add(name, cand, ratio, TIME_TARGET, "yes" if ratio <= TIME_TARGET else "NO", mem, MEMORY_TARGET,
                       "yes" if mem <= MEMORY_TARGET else "NO", common[cand] / max(common["float"], 1))

@@ -529,8 +529,8 @@ def _active(q) -> bool:
 
 
 def _sim_pairs(sim) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(layer->BN pairs, BN->conv pairs) of a sim: the placement's fused pairs, read off sim.graph, and the
-    BN->conv edges, both filtered by the same module checks as find_layer_bn_pairs."""
+    """(layer->BN pairs, BN->conv pairs) of a sim, from sim.graph (the pairs placement fused), with the module
+    checks of find_layer_bn_pairs."""
     graph, model = sim.graph, sim.model
     modules = dict(model.named_modules())
     backward = []
@@ -586,8 +586,8 @@ def _check_backward_fold(layer: nn.Module, bn: nn.Module) -> None:
 
 @torch.no_grad()
 def _fold_to_scale(sim, layer_path: str, bn_path: str) -> str | None:
-    """Fold one layer->BN pair of the sim (docs/batchnorm_math.md, "Folding into the quantization scale").
-    Returns a note for the caller's warning (per-tensor re-calibration, clamped integers) or None."""
+    """Fold one layer->BN pair of the sim (docs/batchnorm_math.md, "Folding into the quantization scale");
+    returns a note for a warning (per-tensor re-calibration, clamped integers) or None."""
     model = sim.model
     layer, bn = model.get_submodule(layer_path), model.get_submodule(bn_path)
     _check_backward_fold(layer, bn)
@@ -640,8 +640,8 @@ def _weight_integers(wq, weight: torch.Tensor, scale: torch.Tensor, offset: torc
 
 
 def _snap_to_integers(wq, layer: nn.Module, expected: torch.Tensor) -> None:
-    """Where float rounding of w * gamma/sigma lands a weight on the other side of a rounding tie, move it onto
-    its grid point, so the integers are exactly `expected` (a float weight moves by < half a step, and only there)."""
+    """Put weights whose folded float value crossed a rounding tie onto their grid point, so the integers are
+    exactly `expected` (such a weight moves by less than half a step)."""
     scale, zp = wq._kernel_params()
     got = _weight_integers(wq, layer.weight, scale, -zp.double())
     wrong = got != expected
@@ -678,8 +678,8 @@ def _fold_forward_in_sim(sim, bn_path: str, conv_path: str) -> str | None:
 
 
 def _update_sim_records(sim, backward: list[tuple[str, str]], forward: list[tuple[str, str]]) -> None:
-    """Drop folded BNs from sim.graph and sim.placement (their consumers now read the layer / the BN's input),
-    move the BN's output spec to the layer, and give a new bias the quantizer the config asks for."""
+    """Drop folded BNs from sim.graph and sim.placement (consumers read the layer), move the BN's output spec to
+    the layer, and give a new bias the quantizer the config asks for."""
     graph = sim.graph
     gone = {bn: layer for layer, bn in backward}
     gone.update({bn: graph[bn].inputs[0] if graph[bn].inputs else None for bn, _ in forward})
@@ -719,10 +719,8 @@ def _update_sim_records(sim, backward: list[tuple[str, str]], forward: list[tupl
 
 
 def fold_all_batch_norms_to_scale(sim) -> FoldedPairs:
-    """After QAT, fold every BN of a QuantizationSimModel into its layer so the integer weights stay the same:
-    weight and bias absorb the BN, the per-channel weight scale absorbs abs(gamma/sigma) (sign handled), the BN's
-    output quantizer becomes the layer's, the BN becomes nn.Identity. Pairs that cannot be folded stay, with a
-    warning. Math: docs/batchnorm_math.md, "Folding into the quantization scale"; usage: docs/batchnorm.md."""
+    """After QAT, fold every layer->BN pair of a sim into weight, bias and per-channel weight scale, keeping the
+    integer weights; returns the folded pairs, warns about the rest (docs/batchnorm.md, docs/batchnorm_math.md)."""
     model = sim.model
     backward, forward = _sim_pairs(sim)
     counts = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
@@ -765,7 +763,7 @@ def fold_all_batch_norms_to_scale(sim) -> FoldedPairs:
 def reestimate_and_fold(sim, dataloader: Iterable, num_batches: int | None = 100,
                         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
                         progress: bool = True) -> FoldedPairs:
-    """AIMET's post-QAT step: re-estimate BN statistics on sim.model (quantizers active), then fold every BN
-    into its layer's weight, bias and quantization scale. Returns the folded pairs."""
+    """Re-estimate BN statistics on sim.model (quantizers active), then fold_all_batch_norms_to_scale(sim);
+    returns the folded pairs."""
     reestimate_bn_stats(sim.model, dataloader, num_batches=num_batches, forward_fn=forward_fn, progress=progress)
     return fold_all_batch_norms_to_scale(sim)

@@ -38,12 +38,8 @@ class QuantizationMixin:
 
     @contextlib.contextmanager
     def _quantized_params(self):
-        """Shadow each quantized parameter by its fake-quantized value for the duration of one forward.
-
-        With autograd on, the fake-quantized weight is not kept for backward: a saved-tensor hook stores a
-        reference to the parameter instead and recomputes the (bit-identical) value when backward needs it,
-        so a QAT step holds no second copy of the weights (docs/batchnorm_math.md, "QAT numerics").
-        """
+        """Shadow each quantized parameter by its fake-quantized value for one forward; backward recomputes that
+        value instead of keeping it (saved-tensor hooks; docs/batchnorm_math.md, "QAT numerics")."""
         shadowed = []
         recompute = {}
         try:

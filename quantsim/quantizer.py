@@ -6,6 +6,7 @@ optimizers and DDP see ordinary parameters and buffers.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -202,20 +203,22 @@ class QuantizeDequantize(nn.Module):
 
     # ----------------------------------------------------------------- following the weights (QAT)
     def _enc_key(self) -> tuple[int, int]:
-        return (self.scale._version, self.offset._version)
+        p = self._parameters  # (hot path: direct dict access, not nn.Module.__getattr__)
+        return (p["scale"]._version, p["offset"]._version)
 
     def _ready(self) -> bool:
         """is_initialized() without a tensor read per call (cached until the flag buffer changes)."""
-        key = (self.initialized._version, self.initialized.data_ptr())
+        flag = self._buffers["initialized"]
+        key = (flag._version, flag.data_ptr())
         if self.__dict__.get("_ready_key") == key:
             return True
-        if bool(self.initialized):
+        if bool(flag):
             self.__dict__["_ready_key"] = key
             return True
         return False
 
     def _channel_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel (or per-tensor) float32 (min, max) of x with one aminmax; raises on NaN/Inf."""
+        """Per-channel (or per-tensor) float32 (min, max) of x (NaN/Inf propagate; _set_range_fast raises)."""
         xc = self._channel_major(x)  # called under no_grad
         xc = xc.float() if xc.dtype != torch.float32 else xc
         if self.channel_axis is None:
@@ -228,12 +231,8 @@ class QuantizeDequantize(nn.Module):
         return lo, hi  # NaN/Inf propagate into the scale, which _set_range_fast checks
 
     def _follow(self, x: torch.Tensor) -> None:
-        """Keep a param quantizer's encoding in step with its (changing) tensor (docs/batchnorm_math.md, QAT).
-
-        min_max: recomputed from the new tensor (one aminmax, identical to compute_from). Histogram schemes:
-        the scheme runs once; afterwards its per-channel clipping ratio (encoding range / min-max range) is
-        applied to the new tensor's min-max range, so QAT steps stay cheap and keep the scheme's clipping.
-        """
+        """Keep a param quantizer's encoding in step with its changing tensor: min-max exactly; histogram schemes by
+        their per-channel clipping ratio (docs/batchnorm_math.md, "QAT numerics")."""
         version = (x.data_ptr(), x._version)
         minmax = self.fixed_range is not None or isinstance(self.observer, MinMaxObserver)
         if not self._ready():
@@ -252,7 +251,7 @@ class QuantizeDequantize(nn.Module):
             else:
                 self._set_range_fast(*self._channel_minmax(x), like=x)
                 if self.symmetric:  # a symmetric min-max grid holds every element of x: no STE mask needed
-                    self.__dict__["_covers_cache"] = (self._enc_key(), version)
+                    self.__dict__["_covers_cache"] = ((self._enc_key(), version), True)
         elif getattr(self, "_ratio_key", None) == self._enc_key():
             lo, hi = self._channel_minmax(x)
             self._set_range_fast(lo.clamp(max=0) * self._ratio[0], hi.clamp(min=0) * self._ratio[1])
@@ -263,8 +262,8 @@ class QuantizeDequantize(nn.Module):
         self._seen_version = version
 
     def _set_range_fast(self, lo: torch.Tensor, hi: torch.Tensor, like: torch.Tensor | None = None) -> None:
-        """set_range for float32 (min, max) on the device: the same encoding with a few ops (a QAT step runs
-        this for every weight); raises on NaN/Inf. `like`: the tensor, to prepare the kernel params at once."""
+        """set_range in a few ops (a QAT step runs it for every weight), same encoding; raises on NaN/Inf (CPU).
+        `like`: the tensor, to build its kernel params from the fresh scale."""
         unsigned = self.symmetric and self.unsigned_symmetric and bool((lo >= 0).all())
         qmin, qmax = numerics.grid(self.bitwidth, self.symmetric, self.strict_symmetric, unsigned)
         if self.symmetric and qmin < 0:
@@ -307,12 +306,12 @@ class QuantizeDequantize(nn.Module):
         return self.scale.detach().abs().clamp(min=numerics.SCALE_EPS), self._zero_point(self.offset.detach())
 
     def _covers(self, x: torch.Tensor, kp: "_KernelParams") -> bool:
-        """True when no element of x (a weight) falls outside the grid, so the STE mask is all ones. Exact:
-        round(x / scale) is monotone in x, so each channel's min and max decide; cached per (encoding, tensor)."""
+        """True when no element of x (a weight) is clamped, so its STE mask is all ones; exact (rounding is monotone,
+        each channel's min and max decide), cached per (encoding, tensor version)."""
         key = (self._enc_key(), (x.data_ptr(), x._version))
         cached = self.__dict__.get("_covers_cache")
-        if cached is not None and cached[0] == key[0] and cached[1] == key[1]:
-            return True
+        if cached is not None and cached[0] == key:
+            return cached[1]
         with torch.no_grad():
             if kp.axis is None:
                 lo, hi = x.amin(), x.amax()
@@ -322,13 +321,12 @@ class QuantizeDequantize(nn.Module):
                 hi = x.amax(dim=dims, keepdim=True) if dims else x
             inv = kp.inv if x.dtype == torch.float32 else kp.inv.double()
             ok = bool(((lo * inv).round() >= kp.lo_q).all() & ((hi * inv).round() <= kp.hi_q).all())
-        if ok:
-            self.__dict__["_covers_cache"] = key
+        self.__dict__["_covers_cache"] = (key, ok)
         return ok
 
     def _kp_key(self, ndim: int, axis: int | None) -> tuple:
-        return (self.scale._version, self.offset._version, self.scale.data_ptr(), self.offset.data_ptr(),
-                self.qmin, self.qmax, ndim, axis)
+        scale, offset = self._parameters["scale"], self._parameters["offset"]
+        return (scale._version, offset._version, scale.data_ptr(), offset.data_ptr(), self.qmin, self.qmax, ndim, axis)
 
     def _layout(self, x: torch.Tensor) -> tuple[int, int | None]:
         """(ndim, channel axis) of x as the kernels see it (grouped ConvTranspose weights: channel-major)."""
@@ -392,11 +390,11 @@ class QuantizeDequantize(nn.Module):
 
 
 class _KernelParams:
-    """One encoding prepared for the kernels: flat (scale, zero point) for torch's kernels; broadcast scale,
-    1/scale and the bounds of round(x/scale) (Python floats on CPU when they are one number) for ours."""
+    """One encoding prepared for the kernels (flat scale / zero point for torch's, broadcast scale, 1/scale and
+    rounding bounds for ours), built once per encoding and layout."""
 
     __slots__ = ("key", "flat_scale", "_zero_point", "qmin", "qmax", "axis", "scale", "inv", "lo_q", "hi_q",
-                 "_clips")
+                 "_clips", "_xclips")
 
     def __init__(self, key, scale, zero_point, qmin, qmax, ndim, axis):
         """zero_point: int32 tensor shaped like scale, or None for all zeros."""
@@ -413,6 +411,7 @@ class _KernelParams:
             if scale.device.type == "cpu" and axis is None:
                 self.lo_q, self.hi_q = float(self.lo_q), float(self.hi_q)
         self._clips = {}
+        self._xclips = {}
 
     @property
     def zero_point(self) -> torch.Tensor:
@@ -421,9 +420,8 @@ class _KernelParams:
         return self._zero_point
 
     def bounds(self, clip=None):
-        """(a, b, test_lo, test_hi) for `v = x * inv` (float32, as the kernels compute it):
-        x_hat = round(clamp(v, a, b)) * scale, and the STE mask is `clamp(v, a, b) == v`, times x > lo / x < hi
-        where the flags say so. Math: docs/batchnorm_math.md, "QAT numerics"."""
+        """(a, b, test_lo, test_hi): x_hat = round(clamp(x * inv, a, b)) * scale; STE mask = [clamp(..) == x * inv]
+        times [x > lo] / [x < hi] where flagged (docs/batchnorm_math.md, "QAT numerics")."""
         if clip not in self._clips:
             dev = self.inv.device
             if clip is None and isinstance(self.lo_q, float):  # the common weight case: plain Python numbers
@@ -453,7 +451,61 @@ class _KernelParams:
             self._clips[clip] = (a, b, test_lo, test_hi)
         return self._clips[clip]
 
+    def x_bounds(self, clip=None):
+        """(xa, xb) with mask = [xa <= x <= xb], x_hat = round(clamp(x, xa, xb) * inv) * scale (per tensor, with a
+        clip: no separate clip tests); None unless that reproduces `bounds` exactly (checked once)."""
+        if clip not in self._xclips:
+            self._xclips[clip] = None
+            a, b, _, _ = self.bounds(clip)
+            if self.axis is None and isinstance(a, float):
+                inv = float(self.inv)
+                grid_a, grid_b, _, _ = self.bounds(None)
+                xa, xb = _x_threshold(inv, grid_a, up=True), _x_threshold(inv, grid_b, up=False)
+                lo, hi = clip if clip is not None else (None, None)
+                if lo is not None:  # x > lo
+                    xa = max(xa, float(np.nextafter(np.float32(lo), np.float32(np.inf))) if lo != 0.0
+                             else float(np.finfo(np.float32).tiny))
+                if hi is not None:  # x < hi
+                    xb = min(xb, float(np.nextafter(np.float32(hi), np.float32(-np.inf))))
+                inv32 = np.float32(inv)
+                ends_ok = (np.round(np.float32(xa) * inv32) == np.round(np.float32(a))
+                           and np.round(np.float32(xb) * inv32) == np.round(np.float32(b)))
+                if xa <= xb and ends_ok:
+                    self._xclips[clip] = (xa, xb)
+        return self._xclips[clip]
 
+
+def _ordered(f) -> int:
+    """float32 -> int with the same order (both zeros -> 0)."""
+    i = int(np.float32(f).view(np.int32))
+    return i if i >= 0 else -(i + 2**31)
+
+
+def _unordered(o: int) -> np.float32:
+    return np.int32(o if o >= 0 else -o - 2**31).view(np.float32)
+
+
+_MAX_ORD = _ordered(np.finfo(np.float32).max)
+
+
+def _x_threshold(inv: float, t: float, up: bool) -> float:
+    """up: the smallest float32 x with float32(x * inv) >= t, else the largest with <= t (binary search: inv > 0
+    makes x -> x * inv monotone)."""
+    inv32, t32 = np.float32(inv), np.float32(t)
+    lo, hi = -_MAX_ORD, _MAX_ORD
+    with np.errstate(over="ignore"):
+        if up:
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if _unordered(mid) * inv32 >= t32 else (mid + 1, hi)
+        else:
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if _unordered(mid) * inv32 <= t32 else (lo, mid - 1)
+    return float(_unordered(lo))
+
+
+@functools.lru_cache(maxsize=1024)
 def _round_threshold(q: float, side: int) -> float:
     """side=+1: the smallest float32 v with round_half_even(v) >= q; side=-1: the largest with <= q."""
     t = np.float32(q - 0.5 * side)  # exact for |q| < 2**23
@@ -465,9 +517,14 @@ def _round_threshold(q: float, side: int) -> float:
 def _composite(x, kp: _KernelParams, clip=None, want_mask=False):
     """(x_hat, mask or None) with the kernels' arithmetic; clip=(lo, hi) clamps x first (mask adds lo < x < hi)."""
     a, b, test_lo, test_hi = kp.bounds(clip)
-    v = torch.mul(x, kp.inv)
     if not want_mask:
-        return v.clamp_(a, b).round_().mul_(kp.scale), None
+        return torch.mul(x, kp.inv).clamp_(a, b).round_().mul_(kp.scale), None
+    xb = kp.x_bounds(clip) if clip is not None else None
+    if xb is not None:  # every condition as one range on x itself: no separate tests for the clip bounds
+        c = torch.clamp(x, *xb)
+        m = torch.eq(c, x, out=torch.empty_like(x))
+        return c.mul_(kp.inv).round_().mul_(kp.scale), m.to(torch.bool)
+    v = torch.mul(x, kp.inv)
     c = torch.clamp(v, a, b)
     m = torch.eq(c, v, out=v)  # 1.0 inside, 0.0 clipped (float32: the vectorized path); reuses v's memory
     if test_lo or test_hi:
@@ -511,13 +568,8 @@ def _fake_quantize_with_mask(x, kp: _KernelParams, clip=None):
 
 
 class _FakeQuantSTE(torch.autograd.Function):
-    """Fake-quantize with the straight-through gradient (docs/math.md, "STE"), optionally after a clamp.
-
-    Saves one bool mask (1 byte per element); the mask is skipped when the encoding is known to hold every
-    element (a weight's symmetric min-max grid), so the gradient passes through untouched. A fused clamp
-    (ReLU/ReLU6 before the quantizer) folds its own gradient (lo < x < hi) into the same mask, so the
-    clamped tensor is never kept for backward.
-    """
+    """Fake-quantize (after an optional fused clamp) with the straight-through gradient; keeps one bool mask,
+    or none when nothing can be clamped (docs/batchnorm_math.md, "QAT numerics")."""
 
     @staticmethod
     def forward(ctx, x, kp, need_mask, clip):

@@ -297,3 +297,31 @@ def test_reestimate_and_fold_after_qat():
     assert list(pairs) == PAIRS
     with torch.no_grad():
         assert_outputs_match(expected, sim.model(x), sim.model.fc.output_quantizers[0])
+
+
+def test_weights_on_rounding_ties_keep_their_integers():
+    """w/s on exact .5 ties: float rounding of w*gamma/sigma and s*|gamma/sigma| would move some integers by one;
+    the fold puts those weights on their grid points instead."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, bias=False), nn.BatchNorm2d(8)).eval()
+    s = torch.rand(8) * 0.01 + 0.001
+    k = torch.randint(-120, 120, model[0].weight.shape).float()
+    with torch.no_grad():
+        model[0].weight.copy_((k + 0.5) * s.view(-1, 1, 1, 1))
+        model[1].weight.uniform_(-2.0, 2.0)
+        model[1].running_var.uniform_(0.3, 3.0)
+    sim = QuantizationSimModel(model, config=preset(strict_symmetric="True"))
+    conv, bn = sim.model[0], sim.model[1]
+    q = conv.param_quantizers["weight"]
+    q.set_encoding(s, freeze=True)
+    before = numerics.quantize(conv.weight.detach(), q.get_scale(), q.get_offset(), q.qmin, q.qmax, axis=0)
+    a = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    naive = numerics.quantize(conv.weight.detach() * a.view(-1, 1, 1, 1), s * a.abs(), q.get_offset(),
+                              q.qmin, q.qmax, axis=0)
+    expected = before * torch.sign(a).view(-1, 1, 1, 1)
+    assert (naive != expected).any()  # the float products do cross ties here
+    bn.output_quantizers[0].set_encoding(torch.tensor(0.05), torch.tensor(-128.0))
+    pairs, _ = fold(sim)
+    assert list(pairs) == [("0", "1")]
+    after = numerics.quantize(conv.weight.detach(), q.get_scale(), q.get_offset(), q.qmin, q.qmax, axis=0)
+    assert torch.equal(after, expected)

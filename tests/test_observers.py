@@ -222,6 +222,69 @@ def test_histogram_streaming_equals_single_update_without_growth(scheme, channel
             assert torch.all((u - v).abs() <= bin_width + 1e-6)
 
 
+# The fast paths below are checked against what they replace: torch.histc for the per-tensor binning, the
+# per-channel tensor arithmetic for the per-tensor float bookkeeping, full argmins for the pruned searches.
+def _histc_cases():
+    g = _gen(21)
+    relu6 = (torch.randn(40000, generator=g) * 3).clamp(0, 6)  # half zeros, a pile at the top edge
+    edges = torch.randint(-256, 256, (30000,), generator=g) / 64.0  # values on bin edges of [-4, 4)
+    return {
+        "normal": torch.randn(30000, generator=g) * 2 + 0.5,
+        "relu6": relu6,
+        "bin_edges": torch.cat([edges, torch.tensor([-4.0, 4.0])]),
+        "negative": -torch.rand(20000, generator=g) * 3,
+        "float64": torch.randn(20000, generator=g, dtype=torch.float64),
+        "tiny_range": torch.randn(5000, generator=g) * 1e-30,
+    }
+
+
+@pytest.mark.parametrize("case", list(_histc_cases()))
+@pytest.mark.parametrize("num_bins", [512, 100])
+def test_per_tensor_binning_equals_torch_histc(case, num_bins):
+    x = _histc_cases()[case]
+    obs = PercentileObserver(num_bins=num_bins)
+    obs.update(x)
+    counts, lo, hi = obs.histogram()
+    ref = torch.histc(x, num_bins, float(lo), float(hi)).double()
+    assert torch.equal(counts, ref)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_binning_of_large_inputs_equals_torch_histc(threads):
+    """Inputs over 2^20 elements are counted in two halves on two threads; nonnegative ones in 4 lanes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = _gen(22)
+        for x in [torch.randn((1 << 20) + 4099, generator=g).clamp(min=0), torch.randn(1 << 20, generator=g)]:
+            obs = PercentileObserver()
+            obs.update(x)
+            counts, lo, hi = obs.histogram()
+            assert torch.equal(counts, torch.histc(x, 512, float(lo), float(hi)).double())
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("growth", [3.0, 2.7, math.inf])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_per_tensor_statistics_equal_per_channel_tensor_arithmetic(growth, dtype):
+    """Per tensor the running range, growth limits and clipping are tracked in Python floats rounded like
+    the state dtype; per channel in tensors. One channel must give bit-identical histograms and ranges."""
+    g = _gen(23)
+    batches = [torch.zeros(300), torch.randn(300, generator=g) * 0.1]  # all-zero first batch
+    batches += [torch.randn(300, generator=g) * s + m for s, m in [(1.0, 0.3), (2.5, -1.0), (40.0, 0.0), (0.5, 7.0)]]
+    batches += [(torch.randn(300, generator=g) * 3).clamp(min=0)]
+    pt, pc = SqnrObserver(range_growth_limit=growth), SqnrObserver(0, range_growth_limit=growth)
+    for b in batches:
+        b = b.to(dtype)
+        pt.update(b)
+        pc.update(b[None])
+        for u, v in zip(pt.histogram(), pc.histogram()):
+            assert torch.equal(u.reshape(-1), v.reshape(-1)) and u.dtype == v.dtype
+        for u, v in zip(pt.observed_range(), pc.observed_range()):
+            assert torch.equal(u.reshape(-1), v.reshape(-1)) and u.dtype == v.dtype
+
+
 # ------------------------------------------------------------------------------------------------ tf_enhanced
 def _sqnr_reference(counts, lo, hi, qmin, qmax, symmetric, gamma=3.0):
     """AIMET v2 SqnrEncodingAnalyzer for one histogram, written out with loops in float64."""
@@ -353,6 +416,42 @@ def test_sqnr_per_channel_equals_per_tensor_on_each_channel(symmetric):
         assert torch.allclose(got_lo[c], lo, rtol=1e-6, atol=0) and torch.allclose(got_hi[c], hi, rtol=1e-6, atol=0)
 
 
+def _search_cases():
+    """(observer input, qmin, qmax, symmetric): per-tensor activations and per-channel weights."""
+    g = _gen(31)
+    on_grid = torch.round(torch.randn(6, 400, generator=g) * 8) / 8  # midpoints tied with grid points
+    weights = torch.randn(48, 9, generator=g) * torch.rand(48, 1, generator=g)
+    wide = torch.randn(24, 300, generator=g) * torch.rand(24, 1, generator=g)
+    wide[3, :3] = 9.0
+    act = torch.randn(20000, generator=g)
+    act[:5] = torch.tensor([25.0, -12.0, 30.0, 18.0, -20.0])
+    relu = (torch.randn(20000, generator=g) * 2).clamp(min=0)
+    cases = []
+    for bits in (8, 4, 2):
+        for symmetric, strict in [(False, False), (True, False), (True, True)]:
+            qmin, qmax = numerics.grid(bits, symmetric, strict)
+            cases += [(x, qmin, qmax, symmetric) for x in (on_grid, weights, wide, act, relu)]
+        qmin, qmax = numerics.grid(bits, True, False, True)  # unsigned symmetric grid: nonnegative data
+        cases.append((relu, qmin, qmax, True))
+    return cases
+
+
+@pytest.mark.parametrize("gamma", [3.0, 1.0, 0.5])
+def test_sqnr_pruned_search_equals_argmin_of_expected_noise(gamma):
+    """compute_range evaluates per bin only candidates whose closed-form lower bound does not exceed the
+    smallest upper bound: the result is the argmin over all candidates, tie-break included."""
+    for x, qmin, qmax, symmetric in _search_cases():
+        for num_bins in (512, 48):
+            obs = SqnrObserver(None if x.dim() == 1 else 0, num_bins=num_bins, gamma=gamma)
+            obs.update(x)
+            deltas, offsets = obs.candidates(qmin, qmax, symmetric)
+            best = obs.expected_noise(deltas, offsets, qmax - qmin).argmin(dim=1, keepdim=True)
+            delta, offset = deltas.gather(1, best).reshape(-1), offsets.gather(1, best).reshape(-1)
+            lo, hi = obs.compute_range(qmin, qmax, symmetric)
+            assert torch.equal(lo.reshape(-1), (offset * delta).float())
+            assert torch.equal(hi.reshape(-1), (offset * delta + (qmax - qmin) * delta).float())
+
+
 def test_sqnr_uniform_noise_option_runs():
     x = torch.randn(5000, generator=_gen(4))
     obs = SqnrObserver(quant_noise="uniform")
@@ -457,6 +556,54 @@ def test_mse_per_channel_equals_per_tensor_on_each_channel():
             pt.update(x[c])
             ref = pt.compute_range(qmin, qmax, symmetric)
             assert torch.allclose(got[0][c], ref[0], rtol=1e-6) and torch.allclose(got[1][c], ref[1], rtol=1e-6)
+
+
+def _mse_reference_error(obs, deltas, offsets, ns):
+    """expected_error as first written: dense prefix sums over all bins, one expression per term."""
+    hist = obs.histogram()[0].reshape(deltas.shape[0], -1)
+    lo = obs.histogram()[1].reshape(-1).double()
+    hi = obs.histogram()[2].reshape(-1).double()
+    c, nb = hist.shape
+    w = (hi - lo) / nb
+    w = torch.where(w > 0, w, torch.full_like(w, EPS))[:, None]
+
+    def prefix(h):
+        j = torch.arange(nb, dtype=torch.float64)
+        zero = torch.zeros(c, 1, dtype=torch.float64)
+        cums = [torch.cat([zero, (h * m).cumsum(1)], dim=1) for m in (1.0, j + 0.5, j * j + j + 1.0 / 3.0)]
+        return (*cums, torch.cat([h, zero], dim=1))
+
+    def clip_below(p, s):
+        k = s.floor().clamp(0, nb).long()
+        part = (s - k).clamp(0, 1)
+        return s * s * p[0].gather(1, k) - 2 * s * p[1].gather(1, k) + p[2].gather(1, k) + p[3].gather(1, k) * part.pow(3) / 3
+
+    def mass_below(p, s):
+        k = s.floor().clamp(0, nb).long()
+        return p[0].gather(1, k) + p[3].gather(1, k) * (s - k).clamp(0, 1)
+
+    fwd, rev = prefix(hist), prefix(hist.flip(1))
+    s = (offsets * deltas - lo[:, None]) / w
+    t = ((offsets + ns) * deltas - lo[:, None]) / w
+    clip = clip_below(fwd, s) + clip_below(rev, nb - t)
+    inside = (mass_below(fwd, t) - mass_below(fwd, s)).clamp_(min=0)
+    return clip * w**2 + inside * deltas * deltas / 12
+
+
+def test_mse_search_equals_argmin_of_reference_error():
+    """expected_error (blocked, prefix sums over occupied bins only when few are occupied) is bit-identical
+    to the dense formulation, and compute_range (coarse-to-fine over symmetric candidates) is its argmin."""
+    for x, qmin, qmax, symmetric in _search_cases():
+        obs = MseObserver(None if x.dim() == 1 else 0)
+        obs.update(x)
+        deltas, offsets = obs.candidates(qmin, qmax, symmetric)
+        ref = _mse_reference_error(obs, deltas, offsets, qmax - qmin)
+        assert torch.equal(obs.expected_error(deltas, offsets, qmax - qmin), ref)
+        best = ref.argmin(dim=1, keepdim=True)
+        delta, offset = deltas.gather(1, best).reshape(-1), offsets.gather(1, best).reshape(-1)
+        lo, hi = obs.compute_range(qmin, qmax, symmetric)
+        assert torch.equal(lo.reshape(-1), (offset * delta).float())
+        assert torch.equal(hi.reshape(-1), (offset * delta + (qmax - qmin) * delta).float())
 
 
 def test_mse_expected_error_matches_actual_error():

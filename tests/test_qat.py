@@ -380,3 +380,15 @@ def test_fast_kernels_equal_torch_kernels_bit_for_bit(qmin, qmax):
         wb = w.bfloat16()  # other dtypes go to torch's kernels
         ref = torch.fake_quantize_per_channel_affine(wb, sc, zc, 1, qmin, qmax)
         assert torch.equal(_fake_quantize(wb, _kp(sc, zc, qmin, qmax, 3, 1)), ref)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_recomputed_weight_equals_learnable_kernel_output(per_channel):
+    """Backward recomputes the fake-quantized weight with the fast kernels: under range learning it must equal
+    what torch's learnable kernel produced in forward (same scale, same rounded zero point)."""
+    shape, axis = ((6,), 0) if per_channel else ((), None)
+    q = QuantizeDequantize(shape, bitwidth=4, symmetric=False, channel_axis=axis, follows_input=True)
+    w = torch.randn(6, 3, 3, 3)
+    q.set_encoding(torch.rand(shape) * 0.2 + 0.05, torch.round(torch.rand(shape) * -15) - 0.5)  # ties in zp
+    q.learn_ranges = True
+    assert torch.equal(q._fake_quantize_fixed(w, q._kparams_for(w)), q(w).detach())

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from quantsim import QuantizationSimModel
+from quantsim.bias import DerivedBiasQuantizer
 
 from nets import Net
 
@@ -72,8 +73,9 @@ def _actual(sim):
         kind = None if w is None else ("pc" if w.channel_axis is not None else "pt")
         outs = m.output_quantizers[0] is not None
         out[name] = (tuple(q is not None for q in m.input_quantizers), outs, kind)
-        if "bias" in m.param_quantizers:
-            assert m.param_quantizers["bias"] is None, f"{name}: bias must not be quantized"
+        if "bias" in m.param_quantizers and m.param_quantizers["bias"] is not None:
+            # no config here quantizes biases; only the int32 bias of integer kernels is simulated (onnxruntime_cpu)
+            assert sim.int32_bias and isinstance(m.param_quantizers["bias"], DerivedBiasQuantizer), name
     return out
 
 
@@ -86,6 +88,10 @@ def test_placement_on_model_matches_hand_derivation(config):
     assert set(actual) == set(expected)
     for name in expected:
         assert actual[name] == expected[name], name
+    if config == "onnxruntime_cpu":  # layers with a bias, a quantized input and a quantized weight: int32 bias
+        assert {n for n, m in sim.quantized_modules() if isinstance(m.param_quantizers["bias"] if "bias" in
+                m.param_quantizers else None, DerivedBiasQuantizer)} == {"stem.0", "blocks.0.dw", "blocks.1.inner.dw",
+                                                                         "padded", "up", "fc"}
 
 
 def test_symmetry_and_bitwidths_follow_config():
