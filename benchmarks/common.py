@@ -33,7 +33,8 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7, 
 
 
 class _PeakTensorMemory(TorchDispatchMode):
-    """Tracks the bytes of live tensor storages created by ops (autograd's saved tensors included)."""
+    """Tracks the bytes of live tensor storages created by ops (autograd's saved tensors included); results that
+    alias an input (views, in-place ops) are not new allocations and are skipped."""
 
     def __init__(self):
         super().__init__()
@@ -59,7 +60,10 @@ class _PeakTensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+        returns = func._schema.returns
+        for i, t in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
+            if i < len(returns) and returns[i].alias_info is not None:
+                continue
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 self._track(t)
         return out

@@ -6,11 +6,9 @@ import copy
 import statistics
 import time
 import warnings
-import weakref
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from quantsim import QuantizationSimModel
 
@@ -20,46 +18,6 @@ from .models import batches, make_model
 TIME_TARGET = 1.4
 MEMORY_TARGET = 1.3
 BATCH = 16
-
-
-class _PeakNewStorage(TorchDispatchMode):
-    """Peak bytes of storages allocated by ops, skipping op results that alias an input (views, in-place ops):
-    a view of a weight is not a new allocation (common.peak_tensor_bytes counts the weight's bytes for it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        returns = func._schema.returns
-        for i, t in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-                continue
-            if i < len(returns) and returns[i].alias_info is not None:
-                continue
-            st = t.untyped_storage()
-            key, nbytes = st.data_ptr(), st.nbytes()
-            if key in self._seen or nbytes == 0:
-                continue
-            self._seen.add(key)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-
-            def release(key=key, nbytes=nbytes):
-                self.live -= nbytes
-                self._seen.discard(key)
-
-            weakref.finalize(st, release)
-        return out
-
-
-def peak_new_bytes(fn) -> int:
-    mode = _PeakNewStorage()
-    with mode:
-        fn()
-    return mode.peak
 
 
 def _torch_ao_qat(model: nn.Module, example: torch.Tensor):
@@ -109,13 +67,12 @@ def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 def run(quick: bool = False, models=("resnet18", "mobilenet_v2")) -> list[Table]:
     table = Table(
         f"QAT step (forward + backward + SGD step, batch {BATCH}) / the same step on the float model",
-        ["model", "candidate", "step ratio", "target", "ok", "peak mem ratio", "target", "ok", "common peak ratio"],
+        ["model", "candidate", "step ratio", "target", "ok", "peak mem ratio", "target", "ok"],
         notes=[
             "sim: QuantizationSimModel(config='default', min_max, W8 per-channel / A8), after compute_encodings; "
             "BN stays a real BN (batch statistics, running-stat updates)",
             "torch.ao: prepare_qat_fx with get_default_qat_qconfig_mapping('x86') (per-channel weight fake-quant)",
-            "peak mem = bytes of new tensor storages (activations, saved tensors, grads, temporaries); 'common peak' "
-            "is benchmarks.common.peak_tensor_bytes, which also counts views of existing tensors as allocations",
+            "peak mem = bytes of new tensor storages (activations, saved tensors, grads, temporaries; views excluded)",
             "step ratio = median over rounds of (candidate time / float time in the same round), order alternating; "
             "image size " + ("64 (quick)" if quick else "112"),
         ],
@@ -131,15 +88,14 @@ def run(quick: bool = False, models=("resnet18", "mobilenet_v2")) -> list[Table]
         if ao is not None:
             fns["torch.ao"] = _step_fn(ao, x, y)
         ratios, med = paired_ratios(fns, "float", repeats=5 if quick else 11)
-        peaks = {k: peak_new_bytes(fn) for k, fn in fns.items()}
-        common = {k: peak_tensor_bytes(fn) for k, fn in fns.items()}
+        peaks = {k: peak_tensor_bytes(fn) for k, fn in fns.items()}
         for cand in [c for c in ("sim", "torch.ao") if c in fns]:
             ratio = ratios[cand]
             mem = peaks[cand] / max(peaks["float"], 1)
             table.add(name, cand, ratio, TIME_TARGET, "yes" if ratio <= TIME_TARGET else "NO", mem, MEMORY_TARGET,
-                      "yes" if mem <= MEMORY_TARGET else "NO", common[cand] / max(common["float"], 1))
+                      "yes" if mem <= MEMORY_TARGET else "NO")
         if ao is None:
-            table.add(name, "torch.ao", "n/a", TIME_TARGET, "-", "n/a", MEMORY_TARGET, "-", "n/a")
+            table.add(name, "torch.ao", "n/a", TIME_TARGET, "-", "n/a", MEMORY_TARGET, "-")
         table.notes.append(f"{name}: float step {med['float'] * 1e3:.0f} ms, "
                            f"float peak {peaks['float'] / 2**20:.0f} MB")
     if any(r[1] == "torch.ao" and r[2] == "n/a" for r in table.rows):
