@@ -123,7 +123,8 @@ def test_qdq_failure_leaves_no_output(tmp_path, capsys):
 
 
 def test_console_script_if_installed(tmp_path):
-    exe = shutil.which("quantsim-export")
+    beside_python = os.path.join(os.path.dirname(sys.executable), "quantsim-export")  # a venv's bin/, not on PATH
+    exe = beside_python if os.path.exists(beside_python) else shutil.which("quantsim-export")
     if exe is None:
         pytest.skip("package not installed (pip install -e .) in this environment")
     proc = subprocess.run([exe, "qdq", "--help"], capture_output=True, text=True, timeout=120)
