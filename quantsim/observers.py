@@ -449,7 +449,8 @@ class HistogramObserver(Observer):
         if self._scratch is None:
             self._scratch = _workspace()
         pos = self._scratch.take(x.dtype, x.device, n).view(x.shape)
-        if nb & (nb - 1) == 0 and step >= (1.1754943508222875e-38 if x.dtype == torch.float32 else 2.2250738585072014e-308):
+        tiny = torch.finfo(x.dtype).tiny  # width / bins is exact unless it is subnormal
+        if nb & (nb - 1) == 0 and step >= tiny:
             if lo_x == 0.0:
                 torch.div(x, step, out=pos)
             else:
@@ -690,7 +691,7 @@ class SqnrObserver(HistogramObserver):
 
     def _clipping(self, bins, cum: torch.Tensor, hist: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                   deltas: torch.Tensor, offsets: torch.Tensor, ns: int, ambiguity: bool = True):
-        """(clipped, inside, ambiguous), float64 (c, K) closed forms, O(1) per candidate (`_bounds`).
+        """(clipped, inside, ambiguous), float64 (c, K) closed forms, O(1) per candidate (see `_search`).
 
         y = m / delta - offset increases with m, so the clipped bins (y < -1/2 or y > ns + 1/2) are a prefix
         and a suffix of the bins, found by arithmetic on the equal-width bin grid. There the error is y or
@@ -735,13 +736,11 @@ class SqnrObserver(HistogramObserver):
         bins = _occupied_bins(hist, lo, hi)
         mids, counts, _ = bins
         c, n_k = deltas.shape
-        if self.quant_noise == "uniform":
-            cum = _moments(counts, mids)
-            clipped, inside, _ = self._clipping(bins, cum, hist, lo, hi, deltas, offsets, ns, ambiguity=False)
-            return ((inside / 12 + self.gamma * clipped) * deltas**2).argmin(dim=1, keepdim=True)
         dev = deltas.device
         pick = alive = None
-        if symmetric and n_k >= 8:
+        if self.quant_noise != "midpoint" or self.gamma < 0:  # no bounds: evaluate everything
+            pass
+        elif symmetric and n_k >= 8:
             # Candidates in order of increasing delta, one offset: the clipped error in absolute units
             # (K delta^2) never increases along them, nor does the lower bound gamma K delta^2. So the
             # candidates that can win are a suffix, from the first whose lower bound is within the exact noise
@@ -770,7 +769,8 @@ class SqnrObserver(HistogramObserver):
             alive |= _ambiguous(self.num_bins, lo, hi, deltas[:, :low], offsets[:, :low], ns)
             pick = _compact_indices(alive)
             if pick.shape[1]:
-                noise = torch.cat([self._noise(bins, deltas.gather(1, pick), offsets.gather(1, pick), ns), top_noise], 1)
+                low_noise = self._noise(bins, deltas.gather(1, pick), offsets.gather(1, pick), ns)
+                noise = torch.cat([low_noise, top_noise], 1)
                 pick = torch.cat([pick, top.expand(c, -1)], 1)  # still in candidate order (padding repeats)
             else:
                 noise, pick = top_noise, top.expand(c, -1)

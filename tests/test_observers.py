@@ -576,7 +576,8 @@ def _mse_reference_error(obs, deltas, offsets, ns):
     def clip_below(p, s):
         k = s.floor().clamp(0, nb).long()
         part = (s - k).clamp(0, 1)
-        return s * s * p[0].gather(1, k) - 2 * s * p[1].gather(1, k) + p[2].gather(1, k) + p[3].gather(1, k) * part.pow(3) / 3
+        full = s * s * p[0].gather(1, k) - 2 * s * p[1].gather(1, k) + p[2].gather(1, k)
+        return full + p[3].gather(1, k) * part.pow(3) / 3
 
     def mass_below(p, s):
         k = s.floor().clamp(0, nb).long()
