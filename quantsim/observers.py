@@ -12,7 +12,9 @@ Schemes (make_observer names):
 
 Observers are plain objects (transient calibration state), not nn.Modules. All statistics stay on the
 device of the input; no Python loop runs over channels, elements or candidates (the final searches are
-split into blocks of channels only to bound memory, like AIMET's `max_parallelism`).
+split into blocks of channels only to bound memory and keep temporaries in cache, like AIMET's
+`max_parallelism`). docs/calibration.md also describes how the searches avoid evaluating candidates that
+cannot win, without changing the result.
 """
 from __future__ import annotations
 
@@ -557,8 +559,9 @@ def _moments(counts: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
 
 
 def _thresholds(nb: int, lo: torch.Tensor, hi: torch.Tensor, deltas: torch.Tensor, offsets: torch.Tensor, ns: int):
-    """(u, step, d): SQNR clip thresholds y = -1/2 and y = ns + 1/2 as positions in bin units (bin b's
-    midpoint at b), (C, 2K) float64, from the candidates as the float32 evaluation sees them (d)."""
+    """(u, step, d, o): the SQNR clip thresholds y = -1/2 and y = ns + 1/2 as positions u (C, 2K) in bin
+    units (bin b's midpoint at b), float64; the bin width `step` (C, 1); and the candidates (d, o) as the
+    float32 evaluation sees them."""
     d, o = deltas.float().double(), offsets.float().double()
     w = (hi - lo) / nb
     base = (lo + w / 2)[:, None]
@@ -746,7 +749,8 @@ class SqnrObserver(HistogramObserver):
             # candidates that can win are a suffix, from the first whose lower bound is within the exact noise
             # of the last two (the min-max grid delta_max and one step wider, which clip nothing), plus any
             # with an ambiguous bin (rare; see `_clipping`). The suffix is found with two rounds of lower
-            # bounds: every 8th candidate, then the 8 before the first one that passes.
+            # bounds: every 8th candidate, then the 8 before the first one that passes. Inside it, both
+            # bounds prune further: the least upper bound tightens the limit.
             cum = _moments(counts, mids)
             top = torch.tensor([n_k - 2, n_k - 1], device=dev)
             top_noise = self._noise(bins, deltas[:, top], offsets[:, top], ns)
@@ -766,6 +770,14 @@ class SqnrObserver(HistogramObserver):
             first = torch.where(ok.any(dim=1), first, n_k - 1)  # none passes: only the widest can win
             low = n_k - 2  # the last two are evaluated already
             alive = torch.arange(low, device=dev) >= first[:, None]
+            start = int(first.min())
+            if start < low:  # within the suffix, prune with both bounds (as for asymmetric candidates)
+                d, o = deltas[:, start:low], offsets[:, start:low]
+                clipped, inside, amb = self._clipping(bins, cum, hist, lo, hi, d, o, ns)
+                lower = (clipped - amb).clamp_(min=0).mul_(self.gamma * d**2)
+                upper = (self.gamma * clipped + inside / 4 + max(self.gamma, 1.0) * amb).mul_(d**2)
+                limit = torch.minimum(limit, upper.min(dim=1, keepdim=True).values * (1 + 1e-4))
+                alive[:, start:] &= lower <= limit
             alive |= _ambiguous(self.num_bins, lo, hi, deltas[:, :low], offsets[:, :low], ns)
             pick = _compact_indices(alive)
             if pick.shape[1]:
@@ -859,21 +871,6 @@ class PercentileObserver(HistogramObserver):
 
 
 # ===================================================================================================== MSE
-def _clip_error_below(prefix: tuple[torch.Tensor, ...], s: torch.Tensor) -> torch.Tensor:
-    """sum over the histogram mass below s of (s - u)^2, in bin units, mass uniform inside each bin.
-
-    prefix = (P0, P1, P2, n): (C, B+1) prefix sums of n_j, n_j (j + 1/2), n_j (j^2 + j + 1/3) and the
-    counts padded with a 0; s: (C, K) thresholds in bin units (bin j covers [j, j + 1)). The reference form
-    of what `_MseTable.parts` evaluates.
-    """
-    p0, p1, p2, n = prefix
-    nb = n.shape[1] - 1
-    k = s.floor().clamp(0, nb).long()
-    part = (s - k).clamp(0, 1)
-    full = s * s * p0.gather(1, k) - 2 * s * p1.gather(1, k) + p2.gather(1, k)
-    return full + n.gather(1, k) * part.pow(3) / 3
-
-
 def _prefix_sums(counts: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
     """out (3, C, L+1) := prefix sums (leading 0) of n_j, n_j (j + 1/2), n_j (j^2 + j + 1/3) over the bins,
     counts (C, L) with bin numbers index ((L,) or (C, L))."""
@@ -892,7 +889,9 @@ class _MseTable:
     error above t is the same on the mirrored histogram at B - t. Both sets of prefix sums sit side by side
     in one table, so one gather serves s, t and B - t. Unless most bins are occupied, the sums run over the
     occupied bins only (`_compact`; a sum over empty bins is the same sum, adding zeros is exact) and a
-    binary search in their bin numbers maps a bin number to its sum.
+    binary search in their bin numbers maps a bin number to its sum. Per element, `parts` does the
+    arithmetic of the closed form in docs/calibration.md section 5 in a fixed order, so the values do not
+    depend on the table layout.
     """
 
     def __init__(self, hist: torch.Tensor):
@@ -936,8 +935,12 @@ class _MseTable:
 
     def parts(self, lo: torch.Tensor, w: torch.Tensor, d: torch.Tensor, o: torch.Tensor, ns: int):
         """(clip term, inside count, inside term), each (C, K), for grids (delta d, offset o): the expected
-        error is clip term + inside term. Per element the arithmetic of `_clip_error_below` (below s, and
-        above t on the mirror) and of the piecewise-linear cumulative count (mass between s and t)."""
+        error is clip term + inside term.
+
+        With k = floor(s) and r = s - k clamped to [0, 1], the error below s in bin units is
+        s^2 P0(k) - 2 s P1(k) + P2(k) + n(k) r^3 / 3 (bins below k whole, bin k up to s); above t it is the
+        same on the mirror at B - t; the mass below s is P0(k) + n(k) r.
+        """
         nb, n_k = self.nb, d.shape[1]
         s = (o * d - lo[:, None]) / w  # grid ends in bin units
         t = ((o + ns) * d - lo[:, None]) / w
@@ -1004,8 +1007,10 @@ class MseObserver(HistogramObserver):
         """(C, K) float64 expected sum of squared errors of each candidate grid on this histogram."""
         lo, w = self._grid()
         out = torch.empty(deltas.shape, dtype=torch.float64, device=deltas.device)
-        for blk in _blocks(deltas.shape[0], max(deltas.shape[1], 4 * (self.num_bins + 1)), _TABLE_BLOCK_ELEMENTS):
-            clip, _, inside = _MseTable(self._hist[blk]).parts(lo[blk], w[blk], deltas[blk], offsets[blk], num_steps)
+        per_channel = max(deltas.shape[1], 4 * (self.num_bins + 1))
+        for blk in _blocks(deltas.shape[0], per_channel, _TABLE_BLOCK_ELEMENTS):
+            table = _MseTable(self._hist[blk])
+            clip, _, inside = table.parts(lo[blk], w[blk], deltas[blk], offsets[blk], num_steps)
             out[blk] = clip + inside
         return out
 
@@ -1048,12 +1053,8 @@ class MseObserver(HistogramObserver):
             clip, count, inside = table.parts(lo[blk], w[blk], d[:, coarse], o[:, coarse], ns)
             bound = clip[:, 1:] + count[:, :-1] * d[:, coarse[:-1] + 1] ** 2 / 12  # (c, gaps)
             live = bound <= (clip + inside).min(dim=1, keepdim=True).values * (1 + 1e-6)
-            member = ~interior | live[:, (gap - 1).clamp_(min=0)] & interior  # (c, K), in candidate order
-            n_member = member.sum(1)
-            m = int(n_member.max())
-            dest = torch.where(member, member.cumsum(1) - 1, m)  # others go to a scratch column
-            pick = torch.zeros(d.shape[0], m + 1, dtype=torch.long, device=dev)
-            pick = pick.scatter_(1, dest, torch.arange(n_k, device=dev).expand_as(d))[:, :m]  # padding: 0
+            member = ~interior | live[:, (gap - 1).clamp_(min=0)] & interior  # (c, K)
+            pick = _compact_indices(member)  # in candidate order; padding repeats the first (0)
             clip, _, inside = table.parts(lo[blk], w[blk], d.gather(1, pick), o.gather(1, pick), ns)
             best[blk] = pick.gather(1, (clip + inside).argmin(dim=1, keepdim=True))
         delta, offset = deltas.gather(1, best).squeeze(1), offsets.gather(1, best).squeeze(1)
