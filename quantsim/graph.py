@@ -266,8 +266,13 @@ def _modularise(gm: fx.GraphModule) -> None:
         if node.op == "call_module":
             if node.target in seen:
                 mod = gm.get_submodule(node.target)
-                if any(True for _ in mod.parameters()) or not is_known_layer(mod):
-                    continue
+                if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
+                    calls = sum(1 for n in graph.nodes if n.op == "call_module" and n.target == node.target)
+                    raise ValueError(
+                        f"module '{node.target}' ({type(mod).__name__}) is called {calls} times in one forward and "
+                        "has parameters or buffers: each call needs its own activation quantizers, so give each "
+                        "call its own module (copy.deepcopy; assign the same nn.Parameter to the copies to keep "
+                        "one shared weight). AIMET's model validator rejects reused modules too.")
                 owner_path, _, base = node.target.rpartition(".")
                 owner = gm.get_submodule(owner_path)
                 name = _unique_name(owner, base)

@@ -231,6 +231,46 @@ def test_untraceable_submodule_falls_back_with_warning():
     assert "dyn" in str(sim)
 
 
+def test_reused_module_with_parameters_is_a_clear_error():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1))
+
+        def forward(self, x):
+            return self.block(self.block(x))
+
+    with pytest.raises(ValueError, match=r"module 'block\.0' \(Conv2d\) is called 2 times.*deepcopy"):
+        QuantizationSimModel(Twice())
+
+
+def test_reused_stateless_modules_get_one_quantizer_per_call():
+    class Scale(nn.Module):  # not a known layer, no state
+        def forward(self, x):
+            return x * 0.5
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+            self.act, self.scale = nn.ReLU(), Scale()
+
+        def forward(self, x):
+            return self.scale(self.act(self.b(self.scale(self.act(self.a(x))))))
+
+    torch.manual_seed(0)
+    m = M().eval()
+    sim = QuantizationSimModel(m)
+    x = torch.randn(4, 3, 5, 5)
+    sim.compute_encodings([x])
+    relus = [n for n, mod in sim.model.named_modules() if isinstance(mod, nn.ReLU)]
+    assert len(relus) == 2  # the second call got its own copy
+    # with quantizers disabled the sim is the float model, so the copies compute what the shared module did
+    for _, q in sim.named_quantizers():
+        q.enabled = False
+    torch.testing.assert_close(sim.model(x), m(x), rtol=0, atol=0)
+
+
 def test_summary_lists_layers_and_float_ops(net):
     sim = QuantizationSimModel(net)
     text = str(sim)
