@@ -18,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import numerics
 from .config import NodePlacement, find_bn_folds, place
+from .distributed import all_reduce, gather_rows, resolve_group
 from .graph import op_type_of, trace
 from .ir import OpGraph
 from .qmodule import QuantizationMixin, is_quantized
@@ -25,6 +26,7 @@ from .utils import run_batches
 
 __all__ = [
     "ChannelMoments",
+    "all_reduce_moments",
     "BNReestimationHandle",
     "reestimate_bn_stats",
     "freeze_bn_stats",
@@ -79,7 +81,7 @@ class ChannelMoments:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Add a BN input of shape (N, C, *) (channels on dim 1)."""
+        """Add a BN input of shape ``(N, C, ...)`` (channels on dim 1)."""
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"expected a (N, {self.num_channels}, ...) input, got shape {tuple(x.shape)}")
         dims = [0] + list(range(2, x.dim()))
@@ -135,6 +137,44 @@ class ChannelMoments:
         return ((self.total_sq - self.total.square() / self.count) / dof).clamp_min(0)
 
 
+def all_reduce_moments(moments: list[ChannelMoments], group) -> None:
+    """Pool every rank's samples into each accumulator in place, so all ranks hold the moments of all samples.
+
+    Collective over a torch.distributed `group` (no-op for None); every rank passes its accumulators in the same
+    order. Each accumulator is rebased to the shift of the first rank that has samples, then count, sum and sum of
+    squares are summed in float64 (docs/batchnorm_math.md, "Pooled moments"); three all-reduces for all of them.
+    """
+    if group is None or not moments:
+        return
+    dev = moments[0].total.device
+    f64 = dict(dtype=torch.float64, device=dev)
+    header = [torch.cat([torch.tensor([m.count, m.batches], **f64),
+                         m.shift.to(**f64) if m.shift is not None else torch.zeros(m.num_channels, **f64)])
+              for m in moments]
+    layout = gather_rows(torch.tensor([len(moments), sum(h.numel() for h in header)], **f64), group)
+    if not bool((layout == layout[0]).all()):
+        raise ValueError(f"all_reduce_moments: the ranks pass different BatchNorm layers ((layers, channels + 2 per "
+                         f"layer) per rank: {layout.tolist()})")
+    rows = gather_rows(torch.cat(header), group)  # (ranks, sum of 2 + C)
+    ends = torch.tensor([h.numel() for h in header]).cumsum(0).tolist()
+    pooled = []
+    for m, end, h in zip(moments, ends, header):
+        block = rows[:, end - h.numel():end]
+        has = block[:, 0] > 0
+        if not bool(has.any()):
+            continue
+        m.rebase(block[int(has.to(torch.uint8).argmax()), 2:])
+        pooled.append((m, int(block[:, 0].sum()), int(block[:, 1].sum())))
+    if not pooled:
+        return
+    flat = torch.cat([torch.cat([m.total, m.total_sq]).to(**f64) for m, _, _ in pooled])
+    all_reduce(flat, "sum", group)
+    for (m, count, batches), part in zip(pooled, flat.split([2 * m.num_channels for m, _, _ in pooled])):
+        m.total.copy_(part[:m.num_channels])
+        m.total_sq.copy_(part[m.num_channels:])
+        m.count, m.batches = count, batches
+
+
 class BNReestimationHandle:
     """Result of `reestimate_bn_stats`: pooled moments per BN path (`stats`) and `remove()` to undo."""
 
@@ -177,13 +217,17 @@ def reestimate_bn_stats(
     num_batches: int | None = 100,
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool = True,
+    process_group: Any = None,
 ) -> BNReestimationHandle:
     """Set every BN's running_mean/var to the exact pooled mean / unbiased variance of the inputs it receives
     over up to `num_batches` batches (docs/batchnorm_math.md, "BN re-estimation").
 
     Only BN layers are put in train mode (frozen ones included), so each BN sees what the model feeds it when
     every BN normalises with its own batch statistics (as in training); other modules keep their mode.
+    Under torch.distributed (or with `process_group`) every rank must call it: the statistics pool all ranks'
+    samples, identical on every rank (docs/scaling.md).
     """
+    group = resolve_group(process_group)
     bns = _bn_layers(model)
     modes = [(m, m.training) for m in model.modules()]
     momenta = [(bn, bn.momentum) for _, bn in bns]
@@ -220,6 +264,7 @@ def reestimate_bn_stats(
                 bn.__dict__[_FROZEN] = flag
         _restore_buffers(saved)  # undo the run's num_batches_tracked increments (everything, on an error)
 
+    all_reduce_moments([stats[n] for n, _ in bns], group)
     for name, bn in bns:
         acc = stats[name]
         if acc.count < 2:
@@ -762,8 +807,9 @@ def fold_all_batch_norms_to_scale(sim) -> FoldedPairs:
 
 def reestimate_and_fold(sim, dataloader: Iterable, num_batches: int | None = 100,
                         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
-                        progress: bool = True) -> FoldedPairs:
+                        progress: bool = True, process_group: Any = None) -> FoldedPairs:
     """Re-estimate BN statistics on sim.model (quantizers active), then fold_all_batch_norms_to_scale(sim);
-    returns the folded pairs."""
-    reestimate_bn_stats(sim.model, dataloader, num_batches=num_batches, forward_fn=forward_fn, progress=progress)
+    returns the folded pairs. Under torch.distributed the statistics pool all ranks' samples."""
+    reestimate_bn_stats(sim.model, dataloader, num_batches=num_batches, forward_fn=forward_fn, progress=progress,
+                        process_group=process_group)
     return fold_all_batch_norms_to_scale(sim)

@@ -27,6 +27,7 @@ from export import qdq as _qdq
 from export.encodings import Encodings, EncodingsError, TensorEncoding, dump_encodings, read_encodings
 from export.qdq import QDQError, QDQOptions, build_qdq
 
+from .distributed import on_rank_zero, resolve_group
 from .qmodule import QuantizationMixin
 from .quantizer import QuantizeDequantize
 from .utils import eval_mode
@@ -711,12 +712,23 @@ def _without_int32_bias(enc: Encodings) -> Encodings:
 
 def export(sim, path, filename_prefix: str, dummy_input=None, *, encoding_version: str = "1.0.0", qdq: bool = True,
            qdq_options: QDQOptions | None = None, opset_version: int = DEFAULT_OPSET, input_names=None,
-           output_names=None, dynamic_batch: bool = True) -> ExportPaths:
+           output_names=None, dynamic_batch: bool = True, process_group=None) -> ExportPaths:
     """Write <prefix>.onnx, <prefix>.encodings, <prefix>_qdq.onnx and <prefix>.safetensors into `path`, all or none.
 
     Raises ExportError naming the module when a part of the sim has no ONNX / integer QDQ form (qdq=False skips the
     QDQ model), EncodingsError for an unsupported version, OSError for an unwritable path (nothing is written).
+    Under torch.distributed (or with `process_group`) every rank calls it: rank 0 writes, the others wait for it and
+    return its paths or raise its error.
     """
+    return on_rank_zero(lambda: _export(sim, path, filename_prefix, dummy_input, encoding_version=encoding_version,
+                                        qdq=qdq, qdq_options=qdq_options, opset_version=opset_version,
+                                        input_names=input_names, output_names=output_names,
+                                        dynamic_batch=dynamic_batch), resolve_group(process_group))
+
+
+def _export(sim, path, filename_prefix: str, dummy_input, *, encoding_version: str, qdq: bool,
+            qdq_options: QDQOptions | None, opset_version: int, input_names, output_names,
+            dynamic_batch: bool) -> ExportPaths:
     path = _check_writable_dir(path)
     if not filename_prefix or os.sep in filename_prefix:
         raise ValueError(f"filename_prefix must be a plain file name prefix, got {filename_prefix!r}")

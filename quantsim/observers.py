@@ -34,6 +34,7 @@ __all__ = [
     "PercentileObserver",
     "MseObserver",
     "make_observer",
+    "sync_observers",
     "SCHEMES",
     "DEFAULT_NUM_BINS",
 ]
@@ -59,6 +60,9 @@ _MSE_COARSE_STEP = 16
 
 #: Histogram bins per channel (AIMET v1's PDF_SIZE; AIMET v2's analyzers default to 2048, see docs/calibration.md).
 DEFAULT_NUM_BINS = 512
+
+#: State dtypes by the code sync_observers sends to the other ranks.
+_SYNC_DTYPES = (None, torch.float32, torch.float64)
 
 
 class NonFiniteError(ValueError):
@@ -292,6 +296,21 @@ class Observer:
         """(min, max) float32 for numerics.encoding_from_range on the grid [qmin, qmax]."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------------------------------- across ranks
+    def sync(self, group, device: torch.device | None = None) -> None:
+        """Combine the statistics of every rank of a torch.distributed `group` in place: each rank then holds the
+        statistics of all ranks' batches (docs/scaling.md). No-op for group None. Collective: every rank calls it,
+        a rank that saw no data too (its statistics are created on `device`). Many at once: `sync_observers`."""
+        sync_observers([self], group, device)
+
+    def _sync_signature(self) -> list[float]:
+        """Settings that must agree across ranks for their statistics to combine."""
+        return []
+
+    def _stored(self, t: torch.Tensor) -> torch.Tensor | float:
+        """A (C,) float64 statistic holding state-dtype values, in the form the state keeps (exact conversion)."""
+        return float(t[0]) if self.channel_axis is None else t.to(device=self._device, dtype=self._dtype)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(channel_axis={self.channel_axis}, num_batches={self._num_batches})"
 
@@ -472,6 +491,87 @@ class HistogramObserver(Observer):
         self._require_data()
         counts = self._hist[0] if self.channel_axis is None else self._hist
         return counts.clone(), self._shaped(self._lo.clone()), self._shaped(self._hi.clone())
+
+    def _sync_signature(self) -> list[float]:
+        return [float(self.num_bins), self.range_growth_limit]
+
+    def _sync_counts(self, gmin: torch.Tensor, gmax: torch.Tensor, caps: torch.Tensor):
+        """(counts to add up, lo, hi, cap_lo, cap_hi): this rank's counts on the common range, which is the one a
+        single process reaches over the ranks' batches, rank 0's first (docs/scaling.md). gmin/gmax: the combined
+        (C,) min/max; caps: every rank's (cap_lo, cap_hi), (ranks, 2C). Channels already on the common range keep
+        their counts; the others are moved onto its bins by `_redistribute`."""
+        c = gmin.numel()
+        caps = caps.view(-1, 2, c)
+        first = (caps[:, 1] > caps[:, 0]).to(torch.uint8).argmax(0)  # growth limits of the first rank that set them
+        channel = torch.arange(c, device=gmin.device)
+        cap_lo, cap_hi = caps[first, 0, channel], caps[first, 1, channel]
+        lo, hi = torch.maximum(gmin.clamp(max=0), cap_lo), torch.minimum(gmax.clamp(min=0), cap_hi)
+        if self._num_batches == 0:
+            return torch.zeros(c, self.num_bins, dtype=gmin.dtype, device=gmin.device), lo, hi, cap_lo, cap_hi
+        hist = self._hist.to(gmin)
+        old_lo, old_hi = self._lo.to(gmin), self._hi.to(gmin)
+        same = (old_lo == lo) & (old_hi == hi)
+        if not bool(same.all()):
+            hist = torch.where(same[:, None], hist, _redistribute(hist, old_lo, old_hi, lo, hi))
+        return hist, lo, hi, cap_lo, cap_hi
+
+
+def sync_observers(observers: list[Observer], group, device: torch.device | None = None) -> None:
+    """Observer.sync for many observers with five collectives in all, however many observers (docs/scaling.md).
+
+    Every rank passes its observers of the same quantizers in the same order. min/max: one MAX all-reduce of
+    (-min, max). Histograms: every rank's growth limits are gathered, each rank moves its counts onto the common
+    range (HistogramObserver._sync_counts), one SUM all-reduce adds them up. float64 throughout: exact for float32
+    values and integer counts.
+    """
+    from .distributed import all_reduce, gather_rows
+
+    if group is None or not observers:
+        return
+    seen = [o for o in observers if o._num_batches > 0]
+    dev = seen[0]._device if seen else torch.device(device or "cpu")
+    f64 = dict(dtype=torch.float64, device=dev)
+    headers = [[o._num_batches, o._num_channels or 0, _SYNC_DTYPES.index(o._dtype), *o._sync_signature()]
+               for o in observers]
+    sizes = [len(h) for h in headers]
+    layout = gather_rows(torch.tensor([len(observers), sum(sizes)], **f64), group)
+    if not bool((layout == layout[0]).all()):
+        raise ValueError(f"sync_observers: the ranks pass different observers ((count, header size) per rank: "
+                         f"{layout.tolist()})")
+    todo = []  # (observer, channels, state dtype, batches of all ranks)
+    for i, (o, rows) in enumerate(zip(observers, gather_rows(torch.tensor(sum(headers, []), **f64), group)
+                                      .split(sizes, dim=1))):
+        data = rows[:, 0] > 0
+        if not bool(data.any()):
+            continue  # no rank saw data
+        kinds = {(int(c), int(d)) for c, d in rows[data, 1:3].tolist()}
+        if len(kinds) > 1 or not bool((rows[:, 3:] == rows[0, 3:]).all()):
+            raise ValueError(f"sync_observers: observer {i} ({type(o).__name__}) differs across ranks: (batches, "
+                             f"channels, dtype code, settings) per rank: {rows.tolist()}")
+        (c, d), = kinds
+        todo.append((o, c, _SYNC_DTYPES[d], int(rows[:, 0].sum())))
+    if not todo:
+        return
+    ext = torch.cat([torch.cat([-o._min.to(**f64), o._max.to(**f64)]) if o._num_batches else
+                     torch.full((2 * c,), -math.inf, **f64) for o, c, _, _ in todo])
+    extremes = all_reduce(ext, "max", group).split([2 * c for _, c, _, _ in todo])
+    hists = [(k, o, c) for k, (o, c, _, _) in enumerate(todo) if isinstance(o, HistogramObserver)]
+    if hists:
+        caps = torch.cat([torch.cat([o._tensor(o._vcap_lo).to(**f64), o._tensor(o._vcap_hi).to(**f64)])
+                          if o._num_batches else torch.zeros(2 * c, **f64) for _, o, c in hists])
+        caps = gather_rows(caps, group).split([2 * c for _, _, c in hists], dim=1)
+        parts = [o._sync_counts(-extremes[k][:c], extremes[k][c:], cap) for (k, o, c), cap in zip(hists, caps)]
+        counts = all_reduce(torch.cat([p[0].reshape(-1) for p in parts]), "sum", group)
+        counts = counts.split([p[0].numel() for p in parts])
+    for k, (o, c, dtype, batches) in enumerate(todo):
+        if o._num_batches == 0:
+            o._num_channels, o._dtype, o._device = c, dtype, dev
+        o._vmin, o._vmax = o._stored(-extremes[k][:c]), o._stored(extremes[k][c:])
+        o._num_batches = batches
+    for j, (_, o, c) in enumerate(hists):
+        _, lo, hi, cap_lo, cap_hi = parts[j]
+        o._hist = counts[j].view(c, o.num_bins).to(o._device)
+        o._vlo, o._vhi, o._vcap_lo, o._vcap_hi = (o._stored(t) for t in (lo, hi, cap_lo, cap_hi))
 
 
 def _redistribute(hist: torch.Tensor, lo0: torch.Tensor, hi0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):

@@ -11,7 +11,9 @@ from torch import nn
 
 from .bias import DerivedBiasQuantizer
 from .config import GRID_PRESERVING_OP_TYPES, NodePlacement, QuantSpec, load_config, place
+from .distributed import resolve_group
 from .graph import Captured, capture
+from .observers import sync_observers
 from .qmodule import QuantizationMixin, is_quantized, make_quantized
 from .quantizer import QuantizeDequantize
 from .utils import eval_mode, run_batches
@@ -218,9 +220,11 @@ class QuantizationSimModel:
                 q.observer.percentile = float(percentile)
 
     def set_learn_ranges(self, enabled: bool = True) -> None:
-        """Range learning (LSQ-style gradients for scale and offset) on every quantizer."""
+        """Range learning (LSQ-style gradients for scale and offset) on every quantizer that uses its range: not on
+        derived int32 bias or float (fp16/bf16) quantizers, whose scale takes no gradient (DDP needs one for every
+        parameter that requires it)."""
         for _, q in self.named_quantizers():
-            q.learn_ranges = enabled
+            q.learn_ranges = enabled and q.dtype != "float" and not isinstance(q, DerivedBiasQuantizer)
 
     # ------------------------------------------------------------------ calibration
     def compute_encodings(
@@ -231,12 +235,16 @@ class QuantizationSimModel:
         num_batches: int | None = None,
         forward_fn: Callable | None = None,
         progress: bool = True,
+        process_group: Any = None,
     ) -> None:
         """Calibrate: parameter encodings from the current weights, activation encodings from data.
 
         `forward_pass_callback` is AIMET's callback(model[, args]) or an iterable of batches (a DataLoader),
         run for at most `num_batches`. Runs in eval mode under no_grad; modes are restored afterwards.
+        Under torch.distributed (or with `process_group`) every rank must call it: the ranks' activation
+        statistics are combined before the encodings are computed (docs/scaling.md).
         """
+        group = resolve_group(process_group)
         quantizers = [q for _, q in self.named_quantizers() if q.enabled]
         params = [q for q in quantizers if q.follows_input]
         acts = [q for q in quantizers if not q.follows_input]
@@ -262,6 +270,8 @@ class QuantizationSimModel:
                 for q in params:
                     q.enabled = q._observing_saved
                     del q._observing_saved
+                sync_observers([q.observer for q in acts if q.fixed_range is None], group,  # all ranks' statistics
+                               acts[0].scale.device if acts else None)
                 seen = [q.stop_observing() for q in acts]
         if acts and not any(seen):
             raise ValueError(
