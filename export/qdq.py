@@ -66,6 +66,7 @@ class QDQOptions:
         Conv/MatMul with uint8 activations unless the session sets session.qdq_is_int8_allowed=1.
     allow_16bit: emit 16-bit activations/weights as (u)int16 Q/DQ (opset 21). Numerically exact, but onnxruntime's
         CPU provider has no 16-bit integer Conv/MatMul kernels, so those ops run in float. Off: a clear error.
+
     allow_float_ops: op types allowed to stay float although the builder cannot make them integer.
     """
 
