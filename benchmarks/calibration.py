@@ -13,11 +13,14 @@ TARGETS = {"min_max": 1.3, "tf_enhanced": 2.0, "percentile": 2.0, "mse": 2.0}
 
 
 def run(quick: bool = False, models=("resnet18", "mobilenet_v2")) -> list[Table]:
-    n_batches, batch = (2, 8) if quick else (8, 16)
+    n_batches, batch = (1, 4) if quick else (8, 16)
+    repeats, warmup = (1, 0) if quick else (5, 1)
     table = Table(
         "calibration: compute_encodings time / float forward time (same batches)",
         ["model", "scheme", "ratio", "target", "ok", "peak mem ratio"],
-        notes=[f"{n_batches} batches of {batch}; medians of interleaved repeats; peak = tensor bytes allocated"],
+        notes=[f"{n_batches} batches of {batch}; medians of {repeats} interleaved repeats; peak = tensor bytes "
+               "allocated"],
+        key="calibration",
     )
     for name in models:
         model = make_model(name, quick)
@@ -34,7 +37,7 @@ def run(quick: bool = False, models=("resnet18", "mobilenet_v2")) -> list[Table]
         fns = {"float": float_pass}
         for s, sim in sims.items():
             fns[s] = lambda sim=sim: sim.compute_encodings(data, progress=False)
-        med = interleaved_medians(fns, repeats=3 if quick else 5)
+        med = interleaved_medians(fns, repeats=repeats, warmup=warmup)
         float_peak = peak_tensor_bytes(float_pass)
         for s in SCHEMES:
             ratio = med[s] / med["float"]

@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from quantsim.utils import atomic_write
+
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1) -> dict[str, float]:
     """Median wall time (s) of each callable, run round-robin so machine noise hits all of them alike."""
@@ -78,13 +80,46 @@ def peak_tensor_bytes(fn: Callable[[], object]) -> int:
 
 
 def machine_info() -> dict:
-    return {
+    """What the numbers depend on: CPU, cores, library versions, threads, and the load average right now."""
+    info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall clock s, CPU-seconds the whole machine has been busy (Linux /proc/stat; steal included), CPU-seconds of
+    this process and its finished children), or None where /proc/stat does not exist."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    t = os.times()
+    return (time.perf_counter(), (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK"),
+            t.user + t.system + t.children_user + t.children_system)
+
+
+def others_cpu_share(start, end) -> float | None:
+    """Fraction of the machine's CPU capacity (all cores) that other processes used between two cpu_snapshot()s:
+    a direct measure of how loaded the machine was while the benchmarks ran."""
+    if start is None or end is None or end[0] <= start[0]:
+        return None
+    others = (end[1] - start[1]) - (end[2] - start[2])
+    return min(1.0, max(0.0, others / ((end[0] - start[0]) * (os.cpu_count() or 1))))
 
 
 def _cpu_name() -> str:
@@ -106,18 +141,34 @@ class Table:
     headers: list[str]
     rows: list[list] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    key: str = ""  # stable name the report looks tables up by (titles change with sizes)
+    formats: dict[str, str] = field(default_factory=dict)  # header -> format spec, e.g. ".2%" (default: 3 digits)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Table":
+        return cls(d["title"], list(d["headers"]), [list(r) for r in d["rows"]], list(d.get("notes", [])),
+                   d.get("key", ""), dict(d.get("formats", {})))
 
     def add(self, *row) -> None:
+        if len(row) != len(self.headers):
+            raise ValueError(f"table {self.title!r}: row has {len(row)} cells, headers {len(self.headers)}")
         self.rows.append(list(row))
 
-    @staticmethod
-    def _fmt(v) -> str:
+    def column(self, header: str) -> list:
+        return [r[self.headers.index(header)] for r in self.rows]
+
+    def _fmt(self, v, header: str = "") -> str:
         if isinstance(v, float):
+            if header in self.formats:
+                return format(v, self.formats[header])
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
         return str(v)
 
+    def _cells(self, row: list) -> list[str]:
+        return [self._fmt(v, h) for v, h in zip(row, self.headers)]
+
     def text(self) -> str:
-        cells = [self.headers] + [[self._fmt(v) for v in r] for r in self.rows]
+        cells = [self.headers] + [self._cells(r) for r in self.rows]
         widths = [max(len(r[i]) for r in cells) for i in range(len(self.headers))]
         lines = [self.title, "  ".join(h.ljust(w) for h, w in zip(cells[0], widths)),
                  "  ".join("-" * w for w in widths)]
@@ -128,21 +179,31 @@ class Table:
     def markdown(self) -> str:
         lines = [f"### {self.title}", "", "| " + " | ".join(self.headers) + " |",
                  "|" + "---|" * len(self.headers)]
-        lines += ["| " + " | ".join(self._fmt(v) for v in r) + " |" for r in self.rows]
+        lines += ["| " + " | ".join(self._cells(r)) + " |" for r in self.rows]
         if self.notes:
             lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
 
     def as_dict(self) -> dict:
-        return {"title": self.title, "headers": self.headers, "rows": self.rows, "notes": self.notes}
+        return {"key": self.key, "title": self.title, "headers": self.headers, "rows": self.rows, "notes": self.notes,
+                "formats": self.formats}
 
 
-def save_results(tables: list[Table], json_path: str | None, md_path: str | None, command: str) -> None:
+def save_results(tables: list[Table], json_path: str | None, md_path: str | None, command: str,
+                 meta: dict | None = None) -> None:
+    """Write the tables (JSON with machine info, command and `meta`; and/or markdown), each file atomically."""
     info = machine_info()
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"machine": info, "command": command, "tables": [t.as_dict() for t in tables]}, f, indent=2)
+        doc = {"machine": info, "command": command, **(meta or {}), "tables": [t.as_dict() for t in tables]}
+        _write_text(json_path, json.dumps(doc, indent=2) + "\n")
     if md_path:
-        with open(md_path, "w") as f:
-            f.write(f"Command: `{command}`  \nMachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}\n\n")
-            f.write("\n".join(t.markdown() for t in tables))
+        head = f"Command: `{command}`  \nMachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}\n\n"
+        _write_text(md_path, head + "\n".join(t.markdown() for t in tables))
+
+
+def _write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write)

