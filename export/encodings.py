@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from ._files import temp_beside
 
 __all__ = [
     "SUPPORTED_VERSIONS",
@@ -638,8 +639,7 @@ def dump_encodings(enc: Encodings, version: str | None = None, model=None) -> di
 def atomic_write(path, data: bytes) -> None:
     """Write bytes to path through a temp file in the same directory and os.replace; on any error nothing is left."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

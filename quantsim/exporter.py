@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -24,6 +23,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from export import qdq as _qdq
+from export._files import temp_beside
 from export.encodings import Encodings, EncodingsError, TensorEncoding, dump_encodings, read_encodings
 from export.qdq import QDQError, QDQOptions, build_qdq
 
@@ -681,8 +681,7 @@ def _write_all(files: dict[str, bytes]) -> None:
             raise IsADirectoryError(f"cannot write {dest}: it is a directory")
     try:
         for dest, data in files.items():
-            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dest) + ".", suffix=".tmp",
-                                       dir=os.path.dirname(os.path.abspath(dest)))
+            fd, tmp = temp_beside(dest)
             temps[dest] = tmp
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

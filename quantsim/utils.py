@@ -4,11 +4,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import tempfile
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+
+from export._files import temp_beside
 from tqdm.auto import tqdm
 
 
@@ -100,7 +101,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot write {path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    fd, tmp = temp_beside(path)
     os.close(fd)
     try:
         write(tmp)

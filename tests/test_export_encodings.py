@@ -150,6 +150,9 @@ def test_round_trip_exact(tmp_path, version):
     p2 = tmp_path / "again.encodings"
     write_encodings(back, p2, version)
     assert json.loads(p.read_text()) == json.loads(p2.read_text())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(p).st_mode & 0o777 == 0o666 & ~umask  # written through a temp file, mode as open() gives
 
 
 def _with_axis_none(enc: Encodings) -> Encodings:

@@ -83,8 +83,11 @@ def exported(tmp_path_factory):
 # --------------------------------------------------------------------------------------------- files and mapping
 def test_export_writes_consistent_files(exported):
     model, sim, dummy, paths = exported["resnet18"]
+    umask = os.umask(0)
+    os.umask(umask)
     for p in (paths.onnx, paths.encodings, paths.qdq, paths.safetensors):
         assert os.path.isfile(p)
+        assert os.stat(p).st_mode & 0o777 == 0o666 & ~umask  # as open() makes them, not mkstemp's 0600
     m = onnx.load(paths.onnx)
     onnx.checker.check_model(m)
     assert next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 13
