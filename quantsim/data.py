@@ -202,8 +202,12 @@ def train_classifier(model: nn.Module, loader: DataLoader, epochs: int, lr: floa
     else:
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     steps = max(1, epochs * len(loader))
-    if schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25)
+    if schedule == "onecycle" and steps == 1:
+        sched = None  # one step: the peak lr
+    elif schedule == "onecycle":
+        # warm-up of a quarter of the steps, but at least 1.5 steps: OneCycleLR divides by the length of each phase
+        pct = min(0.9, max(0.25, 1.5 / steps))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct)
     elif schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     elif schedule == "constant":

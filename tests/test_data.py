@@ -211,3 +211,14 @@ def test_train_and_evaluate_on_separable_data_restore_mode():
     assert model.training  # evaluate puts the mode back
     with pytest.raises(ValueError):
         train_classifier(model, make_loader(x, y, 32), epochs=1, lr=0.1, optimizer="rmsprop")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5])
+def test_onecycle_training_works_for_a_few_steps(steps):
+    """OneCycleLR divides by the length of each phase: very short runs must still train (and peak at lr)."""
+    x = torch.randn(8 * steps, 4)
+    y = (x[:, 0] > 0).long()
+    model = nn.Linear(4, 2)
+    before = model.weight.detach().clone()
+    losses = train_classifier(model, make_loader(x, y, 8), epochs=1, lr=0.1)
+    assert len(losses) == 1 and not torch.equal(model.weight, before)
