@@ -53,7 +53,7 @@ class QuantizeDequantize(nn.Module):
         self.dtype = dtype
         self.fixed_range = fixed_range
         self.follows_input = follows_input
-        self.enabled = True
+        self._enabled, self._learn = True, False
         self.frozen = False
         self.name = name
         self.qmin, self.qmax = numerics.grid(self.bitwidth, self.symmetric, self.strict_symmetric)
@@ -91,14 +91,32 @@ class QuantizeDequantize(nn.Module):
         return numerics.range_from_encoding(self.get_scale(), self.get_offset(), self.qmin, self.qmax)[1]
 
     @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        """A disabled quantizer passes its input through; its range parameters then take no gradient."""
+        self._enabled = bool(value)
+        self._update_requires_grad()
+
+    @property
     def learn_ranges(self) -> bool:
-        return self.scale.requires_grad
+        return self._learn
 
     @learn_ranges.setter
     def learn_ranges(self, value: bool) -> None:
-        """Range learning: scale (and offset, if asymmetric) take LSQ gradients."""
-        self.scale.requires_grad_(bool(value))
-        self.offset.requires_grad_(bool(value) and not self.symmetric)
+        """Range learning: scale (and offset, if asymmetric) take LSQ gradients while the quantizer is enabled."""
+        self._learn = bool(value)
+        self._update_requires_grad()
+
+    def _update_requires_grad(self) -> None:
+        # Only parameters that get a gradient may require one: DistributedDataParallel waits for a gradient of
+        # every parameter that requires one, and a disabled quantizer's never comes.
+        if "scale" in self._parameters:
+            learn = self._learn and self._enabled
+            self.scale.requires_grad_(learn)
+            self.offset.requires_grad_(learn and not self.symmetric)
 
     def set_encoding(self, scale: torch.Tensor, offset: torch.Tensor | None = None, *, freeze: bool = False):
         """Set the encoding directly (load, folding); `freeze` stops a param quantizer from recomputing it."""
