@@ -21,7 +21,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 
 from export import integer_kernel_report
-from export.runner import OPT_LEVELS
+from export.runner import make_session
 from quantsim.batchnorm import fold_all_batch_norms_to_scale
 from quantsim.exporter import onnxruntime_fidelity
 
@@ -60,19 +60,12 @@ class _Batches(CalibrationDataReader):
 
 
 def timing_session(path: str, threads: int) -> ort.InferenceSession:
-    """export.runner.make_session's options (ORT_ENABLE_ALL, sequential, inter-op 1) without intra-op spinning.
+    """export.runner.make_session without intra-op spinning.
 
     Sessions timed round-robin each own a thread pool; with spinning on, the pool of the session that just ran
     keeps spinning on the cores while the next one runs, so at 2 threads each candidate is measured against its
     predecessor's spinning (fp32 ResNet-18 at batch 8 took longer with 2 threads than with 1)."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads)
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = OPT_LEVELS["all"]
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return make_session(path, threads=threads, config={"session.intra_op.allow_spinning": "0"})
 
 
 @contextlib.contextmanager

@@ -41,11 +41,12 @@ def _model_source(model):
 
 
 def make_session(model, threads: int = 1, optimization: str = "all", optimized_model_path=None,
-                 int8_activations: bool = False) -> ort.InferenceSession:
+                 int8_activations: bool = False, config: dict[str, str] | None = None) -> ort.InferenceSession:
     """A CPU InferenceSession with intra_op_num_threads=threads (inter-op 1, sequential execution).
 
     optimization: "disable" | "basic" | "extended" | "all". int8_activations sets session.qdq_is_int8_allowed=1 so
-    onnxruntime on x86 also fuses Conv/MatMul whose activations are int8.
+    onnxruntime on x86 also fuses Conv/MatMul whose activations are int8. config: further session config entries,
+    e.g. {"session.intra_op.allow_spinning": "0"} when several sessions are timed in turn.
     """
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(threads)
@@ -59,6 +60,8 @@ def make_session(model, threads: int = 1, optimization: str = "all", optimized_m
         so.optimized_model_filepath = os.fspath(optimized_model_path)
     if int8_activations:
         so.add_session_config_entry("session.qdq_is_int8_allowed", "1")
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(str(key), str(value))
     so.log_severity_level = 3
     return ort.InferenceSession(_model_source(model), so, providers=["CPUExecutionProvider"])
 

@@ -542,5 +542,7 @@ def test_runner_batch_and_threads():
     np.testing.assert_array_equal(whole, chunked)
     sess = make_session(dyn, threads=2)
     assert sess.get_session_options().intra_op_num_threads == 2
+    opts = make_session(dyn, config={"session.intra_op.allow_spinning": "0"}).get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     with pytest.raises(ValueError, match="missing model inputs"):
         run(dyn, {"nope": x})
