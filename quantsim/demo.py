@@ -152,9 +152,16 @@ def float_model(args, data: Data) -> tuple[SmallBNCNN, str]:
     return model.eval(), cache
 
 
+def _reshuffle(data: Data, args, step: int) -> None:
+    """Restart the training loader's shuffling at a seed of its own for each step, so that a step sees the same
+    batches whether the float model was just trained (which advanced the loader) or loaded from the cache."""
+    data.train.generator.manual_seed(args.seed + step)
+
+
 def step_ptq(model, data: Data, args) -> float:
     """Step 1: post-training quantization; returns the sim's top-1 accuracy."""
     print(f"step 1/4: PTQ {_wxa(args.ptq)} ({args.scheme}, config {args.config})")
+    _reshuffle(data, args, 1)
     sim = QuantizationSimModel(model, config=args.config, quant_scheme=args.scheme,
                                default_param_bw=args.ptq[0], default_output_bw=args.ptq[1])
     sim.compute_encodings(data.train, num_batches=CALIBRATION_BATCHES)
@@ -165,6 +172,7 @@ def step_qat(model, data: Data, args) -> tuple[QuantizationSimModel, float, floa
     """Step 2: QAT with BN unfolded (BN normalises with batch statistics and updates its running ones); returns the
     sim and its accuracy after compute_encodings and after training."""
     print(f"step 2/4: QAT {_wxa(args.qat)}, BatchNorm unfolded, {args.qat_epochs} epoch(s)")
+    _reshuffle(data, args, 2)
     sim = QuantizationSimModel(model, config=args.config, quant_scheme=args.scheme,
                                default_param_bw=args.qat[0], default_output_bw=args.qat[1])
     sim.compute_encodings(data.train, num_batches=CALIBRATION_BATCHES)
@@ -181,10 +189,11 @@ def step_qat(model, data: Data, args) -> tuple[QuantizationSimModel, float, floa
     return sim, before, _acc(sim.model, data, "QAT sim")
 
 
-def step_reestimate_and_fold(sim: QuantizationSimModel, data: Data) -> tuple[float, float, list]:
+def step_reestimate_and_fold(sim: QuantizationSimModel, data: Data, args) -> tuple[float, float, list]:
     """Step 3: the two halves of reestimate_and_fold, measured after each: exact BN statistics of the trained sim,
     then BN folded into weight, bias and per-channel weight scale (integer weights unchanged)."""
     print("step 3/4: BN re-estimation, then fold BN into the weight scales")
+    _reshuffle(data, args, 3)
     reestimate_bn_stats(sim.model, data.train, num_batches=REESTIMATION_BATCHES)
     after_reestimation = _acc(sim.model, data, "re-estimated sim")
     folded = fold_all_batch_norms_to_scale(sim)
@@ -310,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = _acc(model, data, "float model")
     ptq = step_ptq(model, data, args)
     sim, qat_start, qat = step_qat(model, data, args)
-    reestimated, folded, pairs = step_reestimate_and_fold(sim, data)
+    reestimated, folded, pairs = step_reestimate_and_fold(sim, data, args)
     paths, kernels = step_export(sim, data, args)
     onnxruntime = step_onnxruntime(sim, paths, data)
     results = Results(fp32, ptq, qat_start, qat, reestimated, folded, pairs, kernels, onnxruntime)

@@ -156,3 +156,17 @@ def test_help_and_bad_flags(capsys):
     with pytest.raises(SystemExit):
         demo._parse(["--ptq", "8bit"])
     assert "W<weight bits>A<activation bits>" in capsys.readouterr().err
+
+
+def test_cached_run_prints_the_same_table(demo):
+    """The first run trained the float model; a second run loads it from the cache and must print the same numbers
+    (each step reshuffles at its own seed, so training in the same process does not shift the later steps)."""
+    out, first = demo
+    proc = subprocess.run([sys.executable, "-m", "quantsim.demo", *TINY, "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "float model: loaded from" in proc.stdout and "float model: training" in first
+    latency = "onnxruntime latency fp32, int8 (batch 256, 1 thread)"
+    a, b = table(first), table(proc.stdout)
+    a.pop(latency), b.pop(latency)
+    assert a == b
