@@ -922,12 +922,17 @@ def state_bytes(sim) -> bytes:
     return save(tensors, metadata={"format": _STATE_FORMAT, "quantizers": json.dumps(meta, sort_keys=True)})
 
 
-def save_state(sim, path) -> str:
-    """Write the sim's state (weights, encodings, quantizer flags) to a safetensors file, atomically."""
+def save_state(sim, path, process_group=None) -> str:
+    """Write the sim's state (weights, encodings, quantizer flags) to a safetensors file, atomically. Under
+    torch.distributed (or with `process_group`) every rank calls it and rank 0 writes, as in `export`."""
     path = os.fspath(path)
-    _check_writable_dir(os.path.dirname(os.path.abspath(path)))
-    _write_all({path: state_bytes(sim)})
-    return path
+
+    def write() -> str:
+        _check_writable_dir(os.path.dirname(os.path.abspath(path)))
+        _write_all({path: state_bytes(sim)})
+        return path
+
+    return on_rank_zero(write, resolve_group(process_group))
 
 
 def load_state(sim, path) -> None:

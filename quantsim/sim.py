@@ -306,11 +306,12 @@ class QuantizationSimModel:
 
         return load_encodings(self, encodings, dummy_input=dummy_input, partial=partial, **kwargs)
 
-    def save_state(self, path) -> str:
-        """Weights, encodings and quantizer flags to a safetensors file (restored by load_state)."""
+    def save_state(self, path, process_group=None) -> str:
+        """Weights, encodings and quantizer flags to a safetensors file (restored by load_state); under
+        torch.distributed rank 0 writes and the other ranks wait."""
         from .exporter import save_state
 
-        return save_state(self, path)
+        return save_state(self, path, process_group=process_group)
 
     def load_state(self, path) -> None:
         """Restore save_state/export's safetensors file into a sim of the same model and config."""

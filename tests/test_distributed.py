@@ -439,18 +439,26 @@ def _export_worker(model, calib, out_dir):
         error = None
     except exporter.ExportError as e:
         error = (str(e), e.module)
-    return paths, complete, listing, error, calls
+    writes, real_write = [], exporter._write_all
+    exporter._write_all = lambda files: (writes.append(sorted(files)), real_write(files))[1]
+    os.makedirs(os.path.join(out_dir, "state"), exist_ok=True)
+    state = sim.save_state(os.path.join(out_dir, "state", "sim.safetensors"))
+    saved = (state, os.path.getsize(state) > 0, writes)
+    return paths, complete, listing, error, calls, saved
 
 
 def test_export_writes_one_complete_set_from_rank_zero(mnist, tmp_path):
     x, _ = mnist
     got = _launch(_export_worker, _bn_model(), _per_rank(x, 1), str(tmp_path))
     names = ["model.encodings", "model.onnx", "model.safetensors", "model_qdq.onnx"]
-    for paths, complete, listing, error, _ in got:
+    for paths, complete, listing, error, _, saved in got:
         assert paths == got[0][0] and all(complete) and listing == names
         assert error == ("cannot export 'conv2' (made-up failure)", "conv2")  # rank 0's error, on every rank
+        assert saved[:2] == (str(tmp_path / "state" / "sim.safetensors"), True)  # complete when it returns
     assert got[0][4] == [str(tmp_path), str(tmp_path / "fail")] and got[1][4] == []  # only rank 0 exports
-    assert sorted(os.listdir(tmp_path)) == names  # one set, no temporaries
+    assert got[0][5][2] == [[str(tmp_path / "state" / "sim.safetensors")]] and got[1][5][2] == []  # and saves
+    assert sorted(os.listdir(tmp_path)) == names + ["state"]  # one set, no temporaries
+    assert os.listdir(tmp_path / "state") == ["sim.safetensors"]
     enc = json.loads((tmp_path / "model.encodings").read_text())
     assert enc["activation_encodings"] and enc["param_encodings"]
 
