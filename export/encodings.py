@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ._files import temp_beside
+from ._files import atomic_write
 
 __all__ = [
     "SUPPORTED_VERSIONS",
@@ -634,24 +633,6 @@ def dump_encodings(enc: Encodings, version: str | None = None, model=None) -> di
     for k, v in enc.extra.items():
         out.setdefault(k, v)
     return out
-
-
-def atomic_write(path, data: bytes) -> None:
-    """Write bytes to path through a temp file in the same directory and os.replace; on any error nothing is left."""
-    path = os.fspath(path)
-    fd, tmp = temp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def write_encodings(enc: Encodings, path, version: str | None = None, model=None) -> None:

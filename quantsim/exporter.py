@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from export import qdq as _qdq
-from export._files import temp_beside
+from export._files import write_all as _write_all
 from export.encodings import Encodings, EncodingsError, TensorEncoding, dump_encodings, read_encodings
 from export.qdq import QDQError, QDQOptions, build_qdq
 
@@ -670,34 +670,6 @@ def _check_writable_dir(path: str) -> str:
     if not os.access(path, os.W_OK | os.X_OK):
         raise PermissionError(f"export: directory {path!r} is not writable")
     return path
-
-
-def _write_all(files: dict[str, bytes]) -> None:
-    """All files or none: write temporaries beside the targets, then rename them; failures remove what was written."""
-    temps: dict[str, str] = {}
-    done: list[str] = []
-    for dest in files:
-        if os.path.isdir(dest):
-            raise IsADirectoryError(f"cannot write {dest}: it is a directory")
-    try:
-        for dest, data in files.items():
-            fd, tmp = temp_beside(dest)
-            temps[dest] = tmp
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for dest, tmp in temps.items():
-            os.replace(tmp, dest)
-            done.append(dest)
-    except BaseException:
-        for dest, tmp in temps.items():
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        for dest in done:
-            with contextlib.suppress(OSError):
-                os.unlink(dest)
-        raise
 
 
 def _without_int32_bias(enc: Encodings) -> Encodings:

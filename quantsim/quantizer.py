@@ -113,10 +113,9 @@ class QuantizeDequantize(nn.Module):
     def _update_requires_grad(self) -> None:
         # Only parameters that get a gradient may require one: DistributedDataParallel waits for a gradient of
         # every parameter that requires one, and a disabled quantizer's never comes.
-        if "scale" in self._parameters:
-            learn = self._learn and self._enabled
-            self.scale.requires_grad_(learn)
-            self.offset.requires_grad_(learn and not self.symmetric)
+        learn = self._learn and self._enabled
+        self.scale.requires_grad_(learn)
+        self.offset.requires_grad_(learn and not self.symmetric)
 
     def set_encoding(self, scale: torch.Tensor, offset: torch.Tensor | None = None, *, freeze: bool = False):
         """Set the encoding directly (load, folding); `freeze` stops a param quantizer from recomputing it."""

@@ -8,9 +8,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from export._files import temp_beside
-from tqdm.auto import tqdm
 
 
 def model_device(model: nn.Module) -> torch.device:
