@@ -6,6 +6,7 @@ from torch import nn
 
 from quantsim import QuantizationSimModel
 from quantsim.batchnorm import reestimate_bn_stats
+from quantsim.exporter import onnxruntime_fidelity
 from quantsim.models import mobilenet_v2, resnet18
 
 #: name -> builder; images are 3 x input_size(quick) x input_size(quick).
@@ -46,3 +47,12 @@ def quantize_and_export(model: nn.Module, calib: list[torch.Tensor], dummy: torc
     sim = QuantizationSimModel(model, config, dummy_input=dummy)
     sim.compute_encodings(calib, progress=False)
     return sim, sim.export(directory, prefix, dummy)
+
+
+def fidelity_row(label: str, data: str, sim, qdq_path, x: torch.Tensor, x_teacher_forced: torch.Tensor) -> list:
+    """One row of the fidelity table (ort.run_fidelity's columns): onnxruntime vs the sim end to end on `x`, and per
+    layer (teacher forced) on `x_teacher_forced`."""
+    e2e = onnxruntime_fidelity(sim, qdq_path, x)
+    tf = onnxruntime_fidelity(sim, qdq_path, x_teacher_forced, teacher_forced=True)
+    return [label, data, e2e["within_1"], e2e["exact"], e2e["max_lsb"], e2e.get("top1_agreement"), tf["within_1"],
+            tf["max_lsb"], tf["exact"]]

