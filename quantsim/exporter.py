@@ -483,6 +483,8 @@ def export_onnx(sim, dummy_input=None, *, opset_version: int = DEFAULT_OPSET, in
     mapping_only: structure and names only (quantizers need no encodings; weights stay float) -- used by
     load_encodings to map an encodings file's tensor names back to quantizers.
     """
+    if getattr(sim, "_emulating", False):
+        raise ExportError("export_onnx: the sim is inside emulate_onnxruntime(); export it outside that context")
     args = _as_args(dummy_input if dummy_input is not None else sim.dummy_input)
     quantizers = _quantizers(sim)
     modules = {n for n, _ in sim.model.named_modules() if n}
@@ -975,13 +977,14 @@ def _capture_quantizer_outputs(sim, args) -> tuple[dict[str, np.ndarray], Any]:
 
 
 def onnxruntime_fidelity(sim, qdq_model, inputs, *, teacher_forced: bool = False, mapping: OnnxExport | None = None,
-                         threads: int = 1) -> dict:
+                         threads: int = 1, emulate: bool = False) -> dict:
     """How far onnxruntime's QDQ model is from the sim, in LSBs of each quantized tensor's encoding.
 
     End to end (default): the model outputs. teacher_forced: every quantized tensor is computed by onnxruntime from the
     sim's own quantized inputs (the consumers of each QuantizeLinear read the sim's integers), so each layer is checked
-    on its own: rounding differences cannot compound through depth. Returns per-tensor and overall fractions of
-    elements within one LSB, exact fractions and the largest difference (LSBs).
+    on its own: rounding differences cannot compound through depth. emulate: the sim runs inside
+    emulate_onnxruntime() (its report is under "emulation"). Returns per-tensor and overall fractions of elements
+    within one LSB, exact fractions and the largest difference (LSBs).
     """
     from export.runner import make_session
 
@@ -989,7 +992,14 @@ def onnxruntime_fidelity(sim, qdq_model, inputs, *, teacher_forced: bool = False
     model = qdq_model if isinstance(qdq_model, onnx.ModelProto) else onnx.load(os.fspath(qdq_model))
     model = onnx.ModelProto.FromString(model.SerializeToString())
     mapping = mapping or export_onnx(sim, tuple(a[:1] for a in args), mapping_only=True)
-    caps, out = _capture_quantizer_outputs(sim, args)
+    emulation = None
+    if emulate:
+        from .emulation import emulate_onnxruntime
+
+        with emulate_onnxruntime(sim) as emulation:
+            caps, out = _capture_quantizer_outputs(sim, args)
+    else:
+        caps, out = _capture_quantizer_outputs(sim, args)
     g = model.graph
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     graph_inputs = [i.name for i in g.input if i.name not in inits]
@@ -1043,7 +1053,7 @@ def onnxruntime_fidelity(sim, qdq_model, inputs, *, teacher_forced: bool = False
                                      "exact": e / max(d.size, 1), "max_lsb": m}
         total, within, exact, worst = total + d.size, within + w, exact + e, max(worst, m)
     report.update({"within_1": within / max(total, 1), "exact": exact / max(total, 1), "max_lsb": worst,
-                   "elements": total, "teacher_forced": teacher_forced})
+                   "elements": total, "teacher_forced": teacher_forced, "emulation": emulation})
     if not teacher_forced:
         refs = [c[2] for c in checks]
         if refs and refs[0].ndim == 2:

@@ -300,6 +300,14 @@ class QuantizationSimModel:
 
         return export(self, path, filename_prefix, dummy_input, encoding_version=encoding_version, **kwargs)
 
+    def emulate_onnxruntime(self):
+        """Context manager: inside it sim.model computes what onnxruntime's integer kernels compute for the exported
+        QDQ model, bit for bit (eval mode, no gradients); yields an EmulationReport of the layers emulated and why
+        others are not. See quantsim.emulation and docs/export.md."""
+        from .emulation import emulate_onnxruntime
+
+        return emulate_onnxruntime(self)
+
     def load_encodings(self, encodings, *, dummy_input: Any = None, partial: bool = True, **kwargs):
         """Load an AIMET encodings file (0.6.1/1.0.0/2.0.0) into the quantizers; param encodings are frozen."""
         from .exporter import load_encodings
