@@ -51,8 +51,11 @@ def quantize_and_export(model: nn.Module, calib: list[torch.Tensor], dummy: torc
 
 def fidelity_row(label: str, data: str, sim, qdq_path, x: torch.Tensor, x_teacher_forced: torch.Tensor) -> list:
     """One row of the fidelity table (ort.run_fidelity's columns): onnxruntime vs the sim end to end on `x`, and per
-    layer (teacher forced) on `x_teacher_forced`."""
+    layer (teacher forced) on `x_teacher_forced`; then the same two exact fractions with the sim inside
+    sim.emulate_onnxruntime()."""
     e2e = onnxruntime_fidelity(sim, qdq_path, x)
     tf = onnxruntime_fidelity(sim, qdq_path, x_teacher_forced, teacher_forced=True)
+    e2e_emu = onnxruntime_fidelity(sim, qdq_path, x, emulate=True)
+    tf_emu = onnxruntime_fidelity(sim, qdq_path, x_teacher_forced, teacher_forced=True, emulate=True)
     return [label, data, e2e["within_1"], e2e["exact"], e2e["max_lsb"], e2e.get("top1_agreement"), tf["within_1"],
-            tf["max_lsb"], tf["exact"]]
+            tf["max_lsb"], tf["exact"], e2e_emu["exact"], tf_emu["exact"]]

@@ -218,9 +218,10 @@ def step_onnxruntime(sim: QuantizationSimModel, paths: ExportPaths, data: Data) 
     logits = ort_run(paths.qdq, x, batch=TEST_BATCH)[0]
     accuracy = float((logits.argmax(1) == data.y_test.numpy()).mean())
     fidelity = onnxruntime_fidelity(sim, paths.qdq, data.x_test)
+    emulated = onnxruntime_fidelity(sim, paths.qdq, data.x_test, emulate=True)
     sessions = {"fp32": make_session(paths.onnx, threads=1), "int8": make_session(paths.qdq, threads=1)}
     latency = _median_latency(sessions, {"input": x[:TEST_BATCH]})
-    return {"accuracy": accuracy, "fidelity": fidelity, "latency": latency}
+    return {"accuracy": accuracy, "fidelity": fidelity, "emulated": emulated, "latency": latency}
 
 
 def _median_latency(sessions: dict, feeds: dict, warmup: int = 2) -> dict[str, float]:
@@ -252,12 +253,15 @@ def _export_note(sim: QuantizationSimModel, config: str) -> str:
     """Why the exported model is the QAT sim itself, and what the onnxruntime_cpu preset would change."""
     note = (f"Exported model: the folded QAT sim itself, with the config it was trained with ('{config}'): its "
             "encodings are the ones measured above, and onnxruntime runs every Conv/Gemm of it as an integer kernel.")
+    emulated = (" Inside sim.emulate_onnxruntime() the sim computes what those kernels compute (exact int32 sums, "
+                "their float32 requantization), so its logits equal onnxruntime's.")
     if sim.int32_bias:
-        return note + " The sim also simulates the int32 bias those kernels add, so nearly every logit is bit-exact."
-    return note + (" The sim adds each bias in float where the kernels add it on an int32 grid, hence logits one "
-                   "step apart. The 'onnxruntime_cpu' preset simulates the int32 bias (and quantizes the fc weights "
-                   "per channel), but it is a different sim that needs its own QAT: run with --config "
-                   "onnxruntime_cpu to compare.")
+        return note + " The sim also simulates the int32 bias those kernels add, so nearly every logit is bit-exact." \
+            + emulated
+    return note + (" The plain sim adds each bias in float where the kernels add it on an int32 grid, hence logits "
+                   "one step apart." + emulated + " The 'onnxruntime_cpu' preset simulates the int32 bias in the "
+                   "plain sim too (and quantizes the fc weights per channel), but it is a different sim that needs "
+                   "its own QAT: run with --config onnxruntime_cpu to compare.")
 
 
 @dataclass
@@ -281,6 +285,8 @@ def print_report(args, data: Data, r: Results, sim: QuantizationSimModel, paths:
     agreement = fid.get("top1_agreement")
     within = (f"{_pct(fid['within_1'])} ({_pct(fid['exact'])} bit-exact)" if fid["elements"]
               else "n/a (model output not quantized)")
+    emu = r.onnxruntime["emulated"]
+    emulated = _pct(emu["exact"]) if emu["elements"] else "n/a (model output not quantized)"
     print()
     print(f"SmallBNCNN(width={args.width}) on MNIST-5k: {len(data.train.dataset)} training images, top-1 on the "
           f"{len(data.y_test)} test digits; config '{args.config}', calibration {args.scheme}")
@@ -294,6 +300,7 @@ def print_report(args, data: Data, r: Results, sim: QuantizationSimModel, paths:
         (f"onnxruntime int8 ({q} QDQ model)", _pct(r.onnxruntime["accuracy"])),
         ("sim vs onnxruntime: same top-1 class", _pct(agreement) if agreement is not None else "n/a"),
         ("sim vs onnxruntime: logits within 1 LSB", within),
+        ("sim.emulate_onnxruntime() vs onnxruntime: bit-exact logits", emulated),
         ("onnxruntime integer kernels", f"{r.kernels['integer']}/{r.kernels['total']} Conv/Gemm ({kernel_counts})"),
         (f"onnxruntime latency fp32, int8 (batch {TEST_BATCH}, 1 thread)",
          f"{1e3 * lat['fp32']:.2f} ms, {1e3 * lat['int8']:.2f} ms: int8 {lat['fp32'] / lat['int8']:.2f}x as fast"),

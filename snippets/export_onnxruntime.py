@@ -53,4 +53,17 @@ report = integer_kernel_report(paths.qdq, optimization="all")
 print(f"{report['integer']}/{report['total']} Conv/Gemm/MatMul run as integer kernels: {report['kernels']}")
 assert report["float"] == 0, [n["name"] for n in report["nodes"] if not n["integer"]]
 assert fidelity["within_1"] >= 0.999 and abs(ort_top1 - sim_top1) <= 1 - fidelity["top1_agreement"] + 1e-9
+
+# [step_5]
+from quantsim.batchnorm import fold_all_batch_norms_to_scale
+
+fold_all_batch_norms_to_scale(sim)                        # the deployment flow: BN folded, int32 bias simulated
+paths = sim.export(OUT, "smallbncnn_folded", dummy_input=x_test[:1])
+with sim.emulate_onnxruntime() as emulation:              # the sim computes what the integer kernels compute
+    sim_logits = sim.model(x_test).numpy()
+ort_logits = run(paths.qdq, x_test.numpy(), batch=256)[0]
+same = float((sim_logits == ort_logits).mean())
+print(f"emulated sim == onnxruntime on {100 * same:.2f}% of logits ({len(emulation.emulated)} layers emulated, "
+      f"{len(emulation.skipped)} not)")
+assert same >= 0.999 and not emulation.skipped, emulation.skipped
 # [end]

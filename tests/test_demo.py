@@ -34,6 +34,7 @@ ROWS = [
     "onnxruntime int8 (W4A8 QDQ model)",
     "sim vs onnxruntime: same top-1 class",
     "sim vs onnxruntime: logits within 1 LSB",
+    "sim.emulate_onnxruntime() vs onnxruntime: bit-exact logits",
     "onnxruntime integer kernels",
     "onnxruntime latency fp32, int8 (batch 256, 1 thread)",
 ]
@@ -83,6 +84,8 @@ def test_one_table_with_every_row(demo):
     for label in ROWS[:8]:
         assert 0.0 <= pct(rows[label]) <= 1.0, (label, rows[label])
     assert re.fullmatch(r"[\d.]+% \([\d.]+% bit-exact\)", rows["sim vs onnxruntime: logits within 1 LSB"])
+    # the emulated sim computes onnxruntime's integer arithmetic: every logit equal (AIMET's default config too)
+    assert pct(rows["sim.emulate_onnxruntime() vs onnxruntime: bit-exact logits"]) == 1.0
     assert "onnxruntime_cpu" in stdout  # the export choice is explained
 
 
