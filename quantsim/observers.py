@@ -35,6 +35,7 @@ __all__ = [
     "MseObserver",
     "make_observer",
     "sync_observers",
+    "Background",
     "SCHEMES",
     "DEFAULT_NUM_BINS",
 ]
@@ -135,6 +136,82 @@ def _bincount(idx: torch.Tensor, length: int, spread: bool = False) -> torch.Ten
     else:
         counts = torch.bincount(idx, minlength=total)
     return counts.view(lanes, length).sum(0) if lanes > 1 else counts
+
+
+#: compute_encodings overlaps weight searches and histogram updates with the forward (see Background).
+BACKGROUND = True
+
+
+class Background:
+    """Calibration work off the forward's thread: observer updates and weight encodings, each on its own worker.
+
+    The float forward of a small-kernel network (depthwise convolutions, small 1x1 layers) leaves cores idle;
+    histogram updates (a serial counting loop) and the weights' encoding searches fill them. Updates run in
+    submission order on one worker, so every observer sees its batches in the order a serial run gives it:
+    the statistics are identical. A submitted tensor is a copy (layers after the quantizer may modify theirs in
+    place), at most `max_pending` are queued, and the first error (e.g. NaN in a batch, naming the quantizer) is
+    raised at the next submit or at `join`.
+    """
+
+    def __init__(self, max_pending: int = 4, threads: bool | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        #: False: run everything at once on the calling thread (the serial reference; BACKGROUND sets the default)
+        self.threads = BACKGROUND if threads is None else bool(threads)
+        self._updates = ThreadPoolExecutor(1, thread_name_prefix="quantsim-observe")
+        self._weights = ThreadPoolExecutor(1, thread_name_prefix="quantsim-weights")
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._futures: list = []
+
+    def _check(self) -> None:
+        for f in self._futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+        self._futures = [f for f in self._futures if not f.done()]
+
+    def update(self, fn, x: torch.Tensor) -> None:
+        """Run fn(copy of x) on the update worker, after every update submitted before."""
+        if not self.threads:
+            return fn(x)
+        self._check()
+        x = x.clone()
+        self._slots.acquire()
+
+        def job():
+            try:
+                with torch.no_grad():
+                    fn(x)
+            finally:
+                self._slots.release()
+
+        self._futures.append(self._updates.submit(job))
+
+    def run(self, fn, *args) -> None:
+        """Run `fn(*args)` on the weights worker (no gradients)."""
+        if not self.threads:
+            with torch.no_grad():
+                return fn(*args)
+
+        def job():
+            with torch.no_grad():
+                fn(*args)
+
+        self._futures.append(self._weights.submit(job))
+
+    def join(self) -> None:
+        """Wait for all submitted work; raise the first error."""
+        try:
+            for f in self._futures:
+                f.result()
+        finally:
+            self._futures = []
+
+    def close(self) -> None:
+        for f in self._futures:
+            f.cancel()
+        self._updates.shutdown(wait=True)
+        self._weights.shutdown(wait=True)
+        self._futures = []
 
 
 class _Workspace:

@@ -164,8 +164,15 @@ class QuantizeDequantize(nn.Module):
         return True
 
     def _observe(self, x: torch.Tensor) -> None:
+        background = self.__dict__.get("_background")
+        if background is not None and x.device.type == "cpu" and not isinstance(self.observer, MinMaxObserver):
+            background.update(self._update_observer, self._channel_major(x.detach()))
+        else:
+            self._update_observer(self._channel_major(x.detach()))
+
+    def _update_observer(self, x: torch.Tensor) -> None:
         try:
-            self.observer.update(self._channel_major(x.detach()))
+            self.observer.update(x)
         except NonFiniteError as e:
             raise ValueError(f"{self.name or 'quantizer'}: {e}") from None
 

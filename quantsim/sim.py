@@ -13,7 +13,7 @@ from .bias import DerivedBiasQuantizer
 from .config import GRID_PRESERVING_OP_TYPES, NodePlacement, QuantSpec, load_config, place
 from .distributed import resolve_group
 from .graph import Captured, capture
-from .observers import sync_observers
+from .observers import Background, sync_observers
 from .qmodule import QuantizationMixin, is_quantized, make_quantized
 from .quantizer import QuantizeDequantize
 from .utils import eval_mode, run_batches
@@ -248,15 +248,17 @@ class QuantizationSimModel:
         quantizers = [q for _, q in self.named_quantizers() if q.enabled]
         params = [q for q in quantizers if q.follows_input]
         acts = [q for q in quantizers if not q.follows_input]
+        weights = [(q, getattr(module, pname)) for _, module in self.quantized_modules()
+                   for pname, q in module.param_quantizers.items() if q is not None and q.enabled and not q.frozen]
+        background = Background()  # weight searches and histogram updates overlap the forward (identical results)
         with eval_mode(self.model), torch.no_grad():
-            for _, module in self.quantized_modules():
-                for pname, q in module.param_quantizers.items():
-                    if q is not None and q.enabled and not q.frozen:
-                        q.compute_from(getattr(module, pname))
-            for q in acts:
-                q.start_observing()
             for q in params:
                 q._observing_saved, q.enabled = q.enabled, False  # float weights while observing
+            for q, w in weights:
+                background.run(q.compute_from, w)
+            for q in acts:
+                q.start_observing()
+                q._background = background
             try:
                 if callable(forward_pass_callback) and not isinstance(forward_pass_callback, Iterable):
                     if forward_pass_callback_args is None:
@@ -266,7 +268,11 @@ class QuantizationSimModel:
                 else:
                     run_batches(self.model, forward_pass_callback, num_batches, forward_fn, desc="compute_encodings",
                                 progress=progress)
+                background.join()
             finally:
+                background.close()
+                for q in acts:
+                    q.__dict__.pop("_background", None)
                 for q in params:
                     q.enabled = q._observing_saved
                     del q._observing_saved

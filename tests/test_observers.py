@@ -633,3 +633,51 @@ def test_other_input_dtypes(scheme, dtype):
     assert torch.all(lo < 0) and torch.all(hi > 0)
     ref_lo, ref_hi = torch.aminmax(x.detach().float(), dim=1)
     assert torch.equal(obs.observed_range()[0].float(), ref_lo) and torch.equal(obs.observed_range()[1].float(), ref_hi)
+
+
+# ------------------------------------------------------------------------------------------- background updates
+class _InPlaceAfter(torch.nn.Module):
+    """A layer whose output the next op overwrites in place (the observer must have copied it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        y = self.fc1(x)
+        return self.fc2(y.mul_(0.5).add_(3.0))
+
+
+@pytest.mark.parametrize("scheme", ["tf_enhanced", "percentile", "mse", "min_max"])
+def test_background_calibration_equals_serial(monkeypatch, scheme):
+    """compute_encodings runs weight searches and histogram updates on worker threads; the encodings equal those of
+    the serial run (same order of updates per observer), also when a later op modifies an observed tensor in
+    place."""
+    from quantsim import QuantizationSimModel
+    from quantsim import observers
+
+    torch.manual_seed(0)
+    model = _InPlaceAfter()
+    data = [torch.randn(64, 16) * (1 + i) for i in range(6)]  # growing ranges: order matters
+    encodings = {}
+    for threads in (True, False):
+        monkeypatch.setattr(observers, "BACKGROUND", threads)
+        sim = QuantizationSimModel(model, quant_scheme=scheme)
+        sim.compute_encodings(data, progress=False)
+        encodings[threads] = {k: (q.get_scale().clone(), q.get_offset().clone()) for k, q in sim.named_quantizers()
+                              if q.is_initialized()}
+    assert encodings[True].keys() == encodings[False].keys() and len(encodings[True]) >= 4
+    for k, (s, o) in encodings[True].items():
+        assert torch.equal(s, encodings[False][k][0]) and torch.equal(o, encodings[False][k][1]), k
+
+
+def test_background_calibration_reports_nan_with_the_quantizer_name():
+    from quantsim import QuantizationSimModel
+
+    torch.manual_seed(0)
+    sim = QuantizationSimModel(_InPlaceAfter(), quant_scheme="tf_enhanced")
+    bad = torch.randn(8, 16)
+    bad[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"fc1\.output_quantizers\[0\]|input_quantizers\[0\]"):
+        sim.compute_encodings([torch.randn(8, 16), bad, torch.randn(8, 16)], progress=False)
