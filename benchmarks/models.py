@@ -21,22 +21,23 @@ def input_size(quick: bool) -> int:
     return 32 if quick else 112
 
 
-def make_model(name: str, quick: bool, seed: int = 0) -> nn.Module:
-    """A model with non-degenerate BN statistics (re-estimated on random images), in eval mode."""
+def make_model(name: str, quick: bool, seed: int = 0, size: int | None = None) -> nn.Module:
+    """A model with non-degenerate BN statistics (re-estimated on random images of `size` px, default
+    input_size(quick)), in eval mode."""
     torch.manual_seed(seed)
     model = MODELS[name]()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             nn.init.uniform_(m.weight, 0.5, 1.5)
             nn.init.uniform_(m.bias, -0.2, 0.2)
-    s = input_size(quick)
+    s = size or input_size(quick)
     g = torch.Generator().manual_seed(seed)
     reestimate_bn_stats(model, [torch.randn(8, 3, s, s, generator=g) for _ in range(2)], progress=False)
     return model.eval()
 
 
-def batches(n: int, batch: int, quick: bool, seed: int = 1) -> list[torch.Tensor]:
-    s = input_size(quick)
+def batches(n: int, batch: int, quick: bool, seed: int = 1, size: int | None = None) -> list[torch.Tensor]:
+    s = size or input_size(quick)
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, 3, s, s, generator=g) for _ in range(n)]
 

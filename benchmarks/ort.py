@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import logging
 import os
 import tempfile
@@ -27,7 +28,7 @@ from quantsim.batchnorm import fold_all_batch_norms_to_scale
 from . import sqnr, trained_fidelity
 from .common import Table, interleaved_medians
 from .mnist import dataset, trained_smallbncnn
-from .models import batches, fidelity_row, make_model, quantize_and_export
+from .models import batches, fidelity_row, input_size, make_model, quantize_and_export
 
 MODELS = ("resnet18", "mobilenet_v2")
 TARGET = 1 / 3  # int8 at least 3x faster than float
@@ -40,11 +41,11 @@ PEERS = {
 CANDIDATES = ("ours int8", *PEERS)
 
 
-def _export(name: str, quick: bool, directory: str):
+def _export(name: str, quick: bool, directory: str, size: int | None = None):
     """(sim, ExportPaths, calibration batches) of a benchmark model calibrated with min_max and exported."""
-    model = make_model(name, quick)
-    calib = batches(1, 4, quick) if quick else batches(2, 8, quick)
-    sim, paths = quantize_and_export(model, calib, calib[0][:1], directory, name)
+    model = make_model(name, quick, size=size)
+    calib = batches(1, 4, quick, size=size) if quick else batches(2, 8, quick, size=size)
+    sim, paths = quantize_and_export(model, calib, calib[0][:1], directory, f"{name}_{size}" if size else name)
     return sim, paths, calib
 
 
@@ -95,15 +96,20 @@ def ort_quantized(float_onnx: str, calib: list[torch.Tensor], directory: str, pr
     return out
 
 
+#: input sizes of the latency table (full run): the size the other suites use, and the architectures' usual one
+SIZES = (112, 224)
+
+
 def run(quick: bool = False, models=MODELS) -> list[Table]:
     repeats, warmup = (2, 1) if quick else (15, 2)
     batch_sizes = (1, 2) if quick else (1, 8)
-    size = batches(1, 1, quick)[0].shape[-1]
+    sizes = (input_size(True),) if quick else SIZES
     latency = Table(
         "onnxruntime latency / fp32 ONNX latency: our int8 QDQ export and onnxruntime's quantize_static",
         ["model", "batch", "threads", "fp32 ms", "ours int8", "ORT default", "ORT U8S8 per-channel",
          "ours / ORT default", "ours >= 3x", "ours faster than ORT default"],
-        notes=[f"input {size}px; medians of {repeats} interleaved runs of the four sessions (same session options: "
+        notes=[f"model @ input size (px): {', '.join(map(str, sizes))} (224 px is these architectures' usual "
+               f"ImageNet size); medians of {repeats} interleaved runs of the four sessions (same session options: "
                "ORT_ENABLE_ALL, sequential, given intra-op threads, intra-op spinning off so one session's idle "
                "threads do not slow the next); ratios < 1 are faster than fp32, target for ours "
                f"<= {TARGET:.2f} (>= 3x faster)",
@@ -124,23 +130,26 @@ def run(quick: bool = False, models=MODELS) -> list[Table]:
         key="ort_kernels",
     )
     with tempfile.TemporaryDirectory() as tmp:
-        for name in models:
-            _, paths, calib = _export(name, quick, tmp)
-            files = {"fp32": paths.onnx, "ours int8": paths.qdq, **ort_quantized(paths.onnx, calib, tmp, name)}
-            for label in CANDIDATES:
-                rep = integer_kernel_report(files[label], optimization="all")
-                counts = ",".join(f"{k}:{v}" for k, v in sorted(rep["kernels"].items()))
-                kernels.add(name, label, rep["integer"], rep["total"], counts or "-")
+        for name, size in itertools.product(models, sizes):
+            _, paths, calib = _export(name, quick, tmp, size)
+            files = {"fp32": paths.onnx, "ours int8": paths.qdq,
+                     **ort_quantized(paths.onnx, calib, tmp, f"{name}_{size}")}
+            if size == sizes[0]:  # the graph, hence the kernels, do not depend on the input size
+                for label in CANDIDATES:
+                    rep = integer_kernel_report(files[label], optimization="all")
+                    counts = ",".join(f"{k}:{v}" for k, v in sorted(rep["kernels"].items()))
+                    kernels.add(name, label, rep["integer"], rep["total"], counts or "-")
+            label_model = f"{name} @{size}px"
             for threads in (1, 2):
                 sessions = {k: timing_session(f, threads) for k, f in files.items()}
                 input_name = sessions["fp32"].get_inputs()[0].name
                 for batch in batch_sizes:
-                    x = batches(1, batch, quick, seed=3)[0].numpy()
+                    x = batches(1, batch, quick, seed=3, size=size)[0].numpy()
                     fns = {k: (lambda s=s: s.run(None, {input_name: x})) for k, s in sessions.items()}
                     med = interleaved_medians(fns, repeats=repeats, warmup=warmup)
                     r = {k: med[k] / med["fp32"] for k in CANDIDATES}
                     vs_peer = med["ours int8"] / med["ORT default"]
-                    latency.add(name, batch, threads, med["fp32"] * 1e3, *(r[k] for k in CANDIDATES), vs_peer,
+                    latency.add(label_model, batch, threads, med["fp32"] * 1e3, *(r[k] for k in CANDIDATES), vs_peer,
                                 "yes" if r["ours int8"] <= TARGET else "NO", "yes" if vs_peer < 1 else "NO")
     return [latency, kernels]
 
