@@ -165,8 +165,8 @@ def run_fidelity(quick: bool = False, models=MODELS) -> list[Table]:
                "the sim simulates the int32 bias the kernels add. Deep random networks amplify a single 1-LSB "
                "difference chaotically, so e2e on them measures chaos more than export; trained ones do not "
                "(docs/export.md, 'Fidelity'). emulated: the sim inside sim.emulate_onnxruntime(), which computes what "
-               "onnxruntime's integer kernels compute; convolutions followed by an unfolded BatchNorm are not "
-               "emulated (docs/export.md, 'Bit-exact emulation')"],
+               "onnxruntime's integer kernels compute, folding an unfolded BatchNorm into its layer as the QDQ builder "
+               "does (docs/export.md, 'Bit-exact emulation')"],
         key="fidelity",
         formats={h: ".2%" for h in ("e2e within 1 LSB", "e2e exact", "top-1 agree", "per-layer within 1 LSB")}
         | {"per-layer exact": ".4%", "emulated e2e exact": ".2%", "emulated per-layer exact": ".4%"},

@@ -584,36 +584,59 @@ def _rank_map(model: onnx.ModelProto) -> dict[str, int]:
     return ranks
 
 
-def _fold_bn_into_layer(g, layer, bn, te: TensorEncoding, w: np.ndarray, k: np.ndarray, c: np.ndarray,
-                        axis: int, plan: _Plan, enc: Encodings) -> None:
-    """Conv/Gemm -> BN becomes one Conv/Gemm whose weight keeps its integer values: channel c scales by |k_c| (the
-    sign moves into the integers; an int8 -128 negated saturates to 127 with a warning) and the bias absorbs BN."""
-    n_out = w.shape[axis]
-    per_channel = te.per_channel
-    q = quantize_array(w, te.scale, te.offset, te.qmin, te.qmax, axis if per_channel else None)
-    s = np.broadcast_to(te.scale.astype(np.float64), (n_out,)) if per_channel else np.full(n_out, float(te.scale))
-    o = np.broadcast_to(te.offset, (n_out,)).astype(np.int64) if per_channel else np.full(n_out, int(te.offset))
-    shape = [1] * w.ndim
+def fold_bn_into_grid(q: np.ndarray, te: TensorEncoding, k: np.ndarray, axis: int, where: str = "BatchNorm"):
+    """(q_new, offset_new, scale_new, saturated): integer weights q (on te's grid, channels on `axis`) times the
+    BatchNorm scales k, keeping every integer: channel c's scale becomes s_c |k_c| float32 and a negative k_c moves
+    into the integers (symmetric: negated, -qmin saturating to qmax, counted in `saturated`; asymmetric: mirrored
+    on the grid with the offset). A zero k_c zeroes the channel. quantsim.emulation reproduces folded layers with it.
+    """
+    n_out = q.shape[axis]
+    s = np.broadcast_to(te.scale.astype(np.float64), (n_out,)) if te.per_channel else np.full(n_out, float(te.scale))
+    o = np.broadcast_to(te.offset, (n_out,)).astype(np.int64) if te.per_channel else np.full(n_out, int(te.offset))
+    shape = [1] * q.ndim
     shape[axis] = n_out
     neg = (k < 0).reshape(shape)
     zero = (k == 0).reshape(shape)
     o_b = o.reshape(shape)
     if te.symmetric:
         flipped = -q
-        clipped = int(np.count_nonzero(neg & (flipped > te.qmax)))
-        if clipped:
-            warnings.warn(f"{bn.name}: folding a negative BatchNorm scale into '{layer.input[1]}' saturates "
-                          f"{clipped} weight(s) at {te.qmin} to {te.qmax} (one step off)", stacklevel=4)
+        saturated = int(np.count_nonzero(neg & (flipped > te.qmax)))
         q_new = np.where(neg, np.clip(flipped, te.qmin, te.qmax), q)
         o_new = np.zeros(n_out, np.int64)
     else:
+        saturated = 0
         q_new = np.where(neg, te.qmin + te.qmax - q, q)
         o_new = np.where(k < 0, -(te.qmin + te.qmax) - o, o)
     q_new = np.where(zero, -o_b, q_new)
     scale = np.where(k == 0, s, s * np.abs(k)).astype(np.float32)
     if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+        raise QDQError(f"{where}: folding it gives a weight scale that is 0 or not finite")
+    return q_new, o_new, scale, saturated
+
+
+def bn_scale_shift(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(k, c) float64 of an inference BatchNorm y = k x + c, from its float32 parameters and float32 epsilon."""
+    gamma, beta, mean, var = (np.asarray(v, np.float32).astype(np.float64).reshape(-1) for v in (gamma, beta, mean, var))
+    k = gamma / np.sqrt(var + float(np.float32(eps)))
+    return k, beta - mean * k
+
+
+def _fold_bn_into_layer(g, layer, bn, te: TensorEncoding, w: np.ndarray, k: np.ndarray, c: np.ndarray,
+                        axis: int, plan: _Plan, enc: Encodings) -> None:
+    """Conv/Gemm -> BN becomes one Conv/Gemm whose weight keeps its integer values (fold_bn_into_grid) and whose
+    bias absorbs BN."""
+    n_out = w.shape[axis]
+    shape = [1] * w.ndim
+    shape[axis] = n_out
+    q = quantize_array(w, te.scale, te.offset, te.qmin, te.qmax, axis if te.per_channel else None)
+    try:
+        q_new, o_new, scale, clipped = fold_bn_into_grid(q, te, k, axis, bn.name)
+    except QDQError as e:
         raise QDQError(f"{bn.name}: folding it into '{layer.name}' gives a weight scale that is 0 or not finite",
-                       node=bn.name)
+                       node=bn.name) from e
+    if clipped:
+        warnings.warn(f"{bn.name}: folding a negative BatchNorm scale into '{layer.input[1]}' saturates "
+                      f"{clipped} weight(s) at {te.qmin} to {te.qmax} (one step off)", stacklevel=4)
     w_new = ((q_new + o_new.reshape(shape)).astype(np.float32) * scale.reshape(shape)).astype(np.float32)
     w_name = plan.init(f"{layer.input[1]}_bn_folded", w_new)
     enc.params[w_name] = TensorEncoding(w_name, te.bitwidth, te.symmetric, scale, o_new, te.qmin, te.qmax, axis)
@@ -664,10 +687,7 @@ def _rewrite_batchnorms(model: onnx.ModelProto, enc: Encodings) -> set[str]:
         params = list(node.input[1:5])
         if any(p not in inits for p in params):
             raise QDQError(f"{label}: scale/bias/mean/var must be constants", node=node.name)
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64).reshape(-1) for p in params)
-        eps = float(_attr(node, "epsilon", 1e-5))
-        k = gamma / np.sqrt(var + eps)
-        c = beta - mean * k
+        k, c = bn_scale_shift(*(numpy_helper.to_array(inits[p]) for p in params), float(_attr(node, "epsilon", 1e-5)))
         layer = producer.get(x)
         te = enc.get(layer.input[1]) if layer is not None and len(layer.input) > 1 else None
         axis = None

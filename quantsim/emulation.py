@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from export.encodings import quantize_array
 
 from .bias import INT32_MAX, INT32_MIN, DerivedBiasQuantizer
 from .qmodule import is_quantized
@@ -92,8 +95,9 @@ class _Skip(Exception):
 class _Site:
     """One emulated layer: the encodings it reads and the quantizer whose grid its output lands on."""
 
-    def __init__(self, sim, name: str, module: nn.Module, op_type: str, target: QuantizeDequantize):
-        self.name, self.module, self.op_type, self.target = name, module, op_type, target
+    def __init__(self, sim, name: str, module: nn.Module, op_type: str, target: QuantizeDequantize,
+                 bn: nn.Module | None = None):
+        self.name, self.module, self.op_type, self.target, self.bn = name, module, op_type, target, bn
         node = sim.graph[name]
         self.inputs = []
         for i, src in enumerate(node.inputs if op_type == "Add" else node.inputs[:1]):
@@ -137,7 +141,11 @@ class _Site:
         w_hat = w_q(m.weight)  # the weights as the simulation (and the exported ONNX) hold them
         sw = w_q.get_scale().float().reshape(-1)
         shape = [-1] + [1] * (m.weight.dim() - 1)
-        kw = _integers(w_hat, sw.reshape(shape) if sw.numel() > 1 else sw.reshape(()))
+        if self.bn is not None:
+            kw, sw, b = self._folded(w_q, w_hat)
+        else:
+            kw = _integers(w_hat, sw.reshape(shape) if sw.numel() > 1 else sw.reshape(()))
+            b = self._bias() if m.bias is not None else None
         # Every partial sum is an integer bounded by max|kx| * max_c sum|kw_c|: below 2^24 float32 holds them all
         # exactly, whatever the summation order; otherwise float64 (exact to 2^53).
         exact32 = float(kw.abs().flatten(1).sum(1).max()) * float(kx.abs().max()) < 2.0**24 if kx.numel() else True
@@ -149,9 +157,7 @@ class _Site:
             acc = m._conv_forward(kx, kw, None)
         acc = acc.double()
         bscale = (sx * sw).float()  # input scale x weight scale, float32 (the exporter's int32 bias scale)
-        if m.bias is not None:
-            b_q = m.param_quantizers["bias"] if "bias" in m.param_quantizers else None
-            b = b_q(m.bias) if b_q is not None and b_q.enabled else m.bias
+        if b is not None:
             qb = torch.round(b.double() / bscale.double()).clamp_(INT32_MIN, INT32_MAX)
             acc = acc + qb.reshape([-1] + [1] * (acc.dim() - 2)) if not isinstance(m, nn.Linear) else acc + qb
         s_y, zp, qmin, qmax = _scalar_encoding(self.target, self.target.name)
@@ -159,6 +165,36 @@ class _Site:
         if not isinstance(m, nn.Linear):
             mult = mult.reshape([-1] + [1] * (acc.dim() - 2))
         return self._finish(requantize(acc, mult, zp, qmin, qmax))
+
+    def _bias(self) -> torch.Tensor:
+        """The bias as the simulation (and the exported ONNX) holds it: after its quantizer, if any."""
+        m = self.module
+        b_q = m.param_quantizers["bias"] if "bias" in m.param_quantizers else None
+        return b_q(m.bias) if b_q is not None and b_q.enabled else m.bias
+
+    def _folded(self, w_q: QuantizeDequantize, w_hat: torch.Tensor):
+        """(integers, float32 scales, float32 bias) of the layer with the BatchNorm after it folded, exactly as the
+        QDQ builder folds them (export.qdq.fold_bn_into_grid / bn_scale_shift)."""
+        from export.qdq import bn_scale_shift, fold_bn_into_grid
+
+        from .exporter import quantizer_encoding
+
+        m, bn = self.module, self.bn
+        te = quantizer_encoding(w_q, "weight", 0)
+        q = quantize_array(w_hat.detach().cpu().numpy(), te.scale, te.offset, te.qmin, te.qmax,
+                           0 if te.per_channel else None)
+        n = m.weight.shape[0]
+        ones = np.ones(n, np.float32)
+        gamma = bn.weight.detach().cpu().numpy() if bn.weight is not None else ones
+        beta = bn.bias.detach().cpu().numpy() if bn.bias is not None else 0 * ones
+        k, c = bn_scale_shift(gamma, beta, bn.running_mean.cpu().numpy(), bn.running_var.cpu().numpy(), bn.eps)
+        q_new, o_new, scale, _ = fold_bn_into_grid(q, te, k, 0, self.name)
+        kw = torch.from_numpy((q_new + o_new.reshape([-1] + [1] * (q.ndim - 1))).astype(np.float64))
+        bias = np.zeros(n) if m.bias is None else self._bias().detach().cpu().numpy().astype(np.float32).astype(
+            np.float64)
+        b = torch.from_numpy((bias * k + c).astype(np.float32))
+        dev = m.weight.device
+        return kw.to(dev), torch.from_numpy(scale).to(dev), b.to(dev)
 
     def _add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         (qa, _), (qb, _) = self.inputs
@@ -184,19 +220,30 @@ class _Site:
 
 
 # ----------------------------------------------------------------------------------------------- planning
-def _target(sim, name: str, module: nn.Module) -> QuantizeDequantize:
-    """The quantizer that requantizes `name`'s output: its own, or that of a sole Relu/Clip consumer that
-    onnxruntime folds into the QuantizeLinear."""
+def _target(sim, name: str, module: nn.Module, op_type: str):
+    """(quantizer, BatchNorm or None): the quantizer that requantizes `name`'s output (its own, or that of a sole
+    Relu/Clip consumer onnxruntime folds into the QuantizeLinear), and the BatchNorm between them that the QDQ
+    builder folds into the layer, if any."""
     own = module.output_quantizers[0] if len(module.output_quantizers) else None
     if own is not None and own.enabled:
-        return own
+        return own, None
+    bn = None
     cons = sim.graph.consumers(name)
+    if op_type in ("Conv", "Gemm") and len(cons) == 1 and sim.graph[cons[0]].op_type == "BatchNormalization":
+        bn = sim.model.get_submodule(cons[0])
+        if not (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats
+                and bn.running_mean is not None and bn.num_features == module.weight.shape[0]):
+            raise _Skip("the BatchNorm after it has no running statistics to fold")
+        q = bn.output_quantizers[0] if is_quantized(bn) and len(bn.output_quantizers) else None
+        if q is not None and q.enabled:
+            return q, bn
+        name, cons = cons[0], sim.graph.consumers(cons[0])
     if len(cons) == 1 and sim.graph[cons[0]].op_type in _EPILOGUES:
         nxt = sim.model.get_submodule(cons[0])
         q = nxt.output_quantizers[0] if is_quantized(nxt) and len(nxt.output_quantizers) else None
         if q is not None and q.enabled:
-            return q
-    raise _Skip("its output is not quantized (directly or after a Relu/Clip); e.g. a BatchNorm follows: fold it")
+            return q, bn
+    raise _Skip("its output is not quantized (directly, after a BatchNorm, or after a Relu/Clip)")
 
 
 def plan(sim) -> tuple[dict[str, _Site], EmulationReport]:
@@ -217,11 +264,23 @@ def plan(sim) -> tuple[dict[str, _Site], EmulationReport]:
                     raise _Skip(f"{type(module).__name__} is not an nn.Linear")
                 if node.op_type == "Conv" and not isinstance(module, nn.modules.conv._ConvNd):
                     raise _Skip(f"{type(module).__name__} is not a convolution")
-            sites[node.name] = _Site(sim, node.name, module, node.op_type, _target(sim, node.name, module))
+            if node.op_type == "Gemm" and module.weight.dim() != 2:
+                raise _Skip("not a 2-d weight")
+            target, bn = _target(sim, node.name, module, node.op_type)
+            sites[node.name] = _Site(sim, node.name, module, node.op_type, target, bn)
             report.emulated.append(node.name)
         except _Skip as why:
             report.skipped[node.name] = str(why)
     return sites, report
+
+
+def _passthrough(bn: nn.Module):
+    own = bn.output_quantizers[0] if is_quantized(bn) and len(bn.output_quantizers) else None
+
+    def forward(x):
+        return own(x) if own is not None and own.enabled else x  # on own's grid already: hooks still see it
+
+    return forward
 
 
 def _activation_forward(q: QuantizeDequantize):
@@ -246,6 +305,9 @@ def emulate_onnxruntime(sim):
         for site in sites.values():
             patched.append((site.module, site.module.__dict__.get("forward")))
             site.module.forward = site.forward
+            if site.bn is not None:  # folded into the layer: the layer's output is already the BN's, requantized
+                patched.append((site.bn, site.bn.__dict__.get("forward")))
+                site.bn.forward = _passthrough(site.bn)
         for _, q in sim.named_quantizers():
             if (q.enabled and q.dtype != "float" and not q.follows_input and q.channel_axis is None
                     and not isinstance(q, DerivedBiasQuantizer) and q.is_initialized()):

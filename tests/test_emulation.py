@@ -92,23 +92,26 @@ class Deep(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-def _folded_sim(model, x):
+def _folded_sim(model, x, fold: bool = True):
     sim = QuantizationSimModel(model.eval(), "onnxruntime_cpu", dummy_input=x[:1])
     sim.compute_encodings([x], progress=False)
-    fold_all_batch_norms_to_scale(sim)
+    if fold:
+        fold_all_batch_norms_to_scale(sim)
     return sim
 
 
+@pytest.mark.parametrize("fold", [True, False], ids=["bn_folded", "bn_unfolded"])
 @pytest.mark.parametrize("arch", ["deep", "mobilenet_v2"])
-def test_emulated_sim_equals_onnxruntime_bit_for_bit(tmp_path, arch):
+def test_emulated_sim_equals_onnxruntime_bit_for_bit(tmp_path, arch, fold):
     """Random networks amplify one-element rounding differences through depth (docs/export.md); emulated, the sim's
-    outputs equal onnxruntime's int8 outputs exactly, end to end and at every quantized tensor."""
+    outputs equal onnxruntime's int8 outputs exactly, end to end and at every quantized tensor. With BN unfolded in
+    the sim, the emulation folds it into the layer as the QDQ builder does."""
     torch.manual_seed(0)
     if arch == "deep":
         model, x = Deep(), torch.randn(16, 1, 16, 16)
     else:
         model, x = mobilenet_v2(10, in_channels=1, width_mult=0.35, small_input=True), torch.randn(16, 1, 32, 32)
-    sim = _folded_sim(model, x)
+    sim = _folded_sim(model, x, fold)
     paths = sim.export(tmp_path, arch, x[:1])
     e2e = onnxruntime_fidelity(sim, paths.qdq, x, emulate=True)
     per_layer = onnxruntime_fidelity(sim, paths.qdq, x[:4], teacher_forced=True, emulate=True)
@@ -162,11 +165,12 @@ def test_long_reductions_take_the_float64_path_and_stay_exact():
     assert torch.equal(got, torch.relu(want))
 
 
-def test_unfolded_batchnorm_is_reported_and_everything_is_restored(tmp_path):
+def test_skips_are_reported_and_everything_is_restored(tmp_path):
     torch.manual_seed(0)
     model, x = Deep(), torch.randn(4, 1, 16, 16)
     sim = QuantizationSimModel(model, "onnxruntime_cpu", dummy_input=x[:1])
     sim.compute_encodings([x], progress=False)
+    sim.model.fc.param_quantizers["weight"].enabled = False  # a float weight: no integer kernel to emulate
     sim.model.train()
     with torch.no_grad():
         before = sim.model.eval()(x)
@@ -174,8 +178,8 @@ def test_unfolded_batchnorm_is_reported_and_everything_is_restored(tmp_path):
     own_forward = [m for m in sim.model.modules() if "forward" in vars(m)]  # the root runs the traced graph
     with sim.emulate_onnxruntime() as rep:
         assert not sim.model.training and not torch.is_grad_enabled()
-        assert "fold" in rep.skipped["stem.0"] and "project.0" in rep.skipped
-        assert "wide.0" in rep.emulated and "fc" in rep.emulated
+        assert "weight" in rep.skipped["fc"] and list(rep.skipped) == ["fc"]
+        assert "stem.0" in rep.emulated and "wide.0" in rep.emulated  # BN unfolded: folded on the fly
         with pytest.raises(ExportError, match="emulate_onnxruntime"):
             sim.export(tmp_path, "m", x[:1])
         with pytest.raises(RuntimeError, match="nest"):
