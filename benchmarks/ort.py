@@ -2,8 +2,8 @@
 
 `run`: ResNet-18 and MobileNetV2, batch 1 and 8, 1 and 2 intra-op threads, medians of interleaved repeats of
 fp32, ours (sim.export's QDQ model) and two peers made by `onnxruntime.quantization.quantize_static` from the same
-float ONNX and the same calibration batches: its default settings, and U8S8 per-channel. Plus the integer kernels
-onnxruntime builds from each.
+float ONNX and the same calibration batches: its default settings, and U8S8 per-channel, at 112 and 224 px. Plus
+the integer kernels onnxruntime builds from each, and where the time goes by convolution kind (its profiler).
 `run_fidelity`: how far onnxruntime's int8 model is from the sim (LSBs of each encoding), end to end and per layer;
 and the per-layer SQNR of the sim itself (benchmarks.sqnr).
 """
@@ -129,6 +129,15 @@ def run(quick: bool = False, models=MODELS) -> list[Table]:
                "DequantizeLinear -> float Conv -> QuantizeLinear"],
         key="ort_kernels",
     )
+    breakdown = Table(
+        "onnxruntime time by convolution kind: fp32 and our int8 model (batch 1, 1 thread, largest input size)",
+        ["model", "kind", "convs", "fp32 ms", "int8 ms", "int8 speed-up", "share of int8 time"],
+        notes=["onnxruntime's own profiler (SessionOptions.enable_profiling), kernel time summed per run over the "
+               "Conv / QLinearConv / QGemm / Gemm nodes of each kind; kinds from the float graph's Conv attributes "
+               "(depthwise: group = channels; pointwise: 1x1; full: the rest, with the classifier Gemm). The rest "
+               "of the int8 time (QLinearAdd, pooling, QuantizeLinear) is not shown"],
+        key="ort_breakdown",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name, size in itertools.product(models, sizes):
             _, paths, calib = _export(name, quick, tmp, size)
@@ -151,7 +160,18 @@ def run(quick: bool = False, models=MODELS) -> list[Table]:
                     vs_peer = med["ours int8"] / med["ORT default"]
                     latency.add(label_model, batch, threads, med["fp32"] * 1e3, *(r[k] for k in CANDIDATES), vs_peer,
                                 "yes" if r["ours int8"] <= TARGET else "NO", "yes" if vs_peer < 1 else "NO")
-    return [latency, kernels]
+            if size == sizes[-1]:
+                x = batches(1, 1, quick, seed=3, size=size)[0].numpy()
+                fp32, int8 = (conv_time_by_kind(paths.onnx, f, x, runs=3 if quick else 20)
+                              for f in (paths.onnx, paths.qdq))
+                total8 = sum(v[1] for v in int8.values())
+                for kind in ("depthwise", "pointwise", "full"):
+                    if kind in fp32:
+                        n, t32 = fp32[kind]
+                        t8 = int8.get(kind, (0, 0.0))[1]
+                        breakdown.add(name, kind, n, t32 * 1e3, t8 * 1e3, t32 / t8 if t8 else float("nan"),
+                                      t8 / total8 if total8 else float("nan"))
+    return [latency, kernels, breakdown]
 
 
 def run_fidelity(quick: bool = False, models=MODELS) -> list[Table]:
@@ -196,6 +216,66 @@ def _mnist_row(directory: str) -> list:
     model, _ = trained_smallbncnn("MNIST-5k", epochs=1)
     sim, paths = quantize_and_export(model, [x_tr[:256]], x_te[:1], directory, "smallbncnn")
     return fidelity_row("smallbncnn, BN unfolded", f"MNIST test x{len(x_te)}", sim, paths.qdq, x_te, x_te[:64])
+
+
+def _conv_kinds(float_onnx: str) -> list[str]:
+    """"depthwise" | "pointwise" | "full" | "gemm" for each Conv and Gemm node of the float graph, in graph order."""
+    model = onnx.load(float_onnx)
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    kinds = []
+    for node in model.graph.node:
+        if node.op_type == "Gemm":
+            kinds.append("gemm")
+        elif node.op_type == "Conv":
+            w = shapes.get(node.input[1], ())
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if group > 1 and len(w) > 1 and w[1] == 1:
+                kinds.append("depthwise")
+            elif len(w) > 2 and all(d == 1 for d in w[2:]):
+                kinds.append("pointwise")
+            else:
+                kinds.append("full")
+    return kinds
+
+
+#: onnxruntime kernels that compute one Conv or Gemm of the float graph (fused or integer forms)
+_CONV_KERNELS = ("Conv", "FusedConv", "NhwcFusedConv", "QLinearConv", "Gemm", "FusedGemm", "QGemm")
+
+
+def conv_time_by_kind(float_onnx: str, path: str, x, runs: int = 20) -> dict[str, tuple[int, float]]:
+    """kind -> (number of nodes, seconds per run) of the Conv/Gemm kernels of `path`, from onnxruntime's profiler.
+
+    With sequential execution each run executes the optimized graph's Conv/Gemm kernels in the float graph's order
+    (fusions rename nodes but neither add nor reorder them), so the i-th kernel of a run is the float graph's i-th
+    Conv/Gemm."""
+    import json
+
+    kinds = _conv_kinds(float_onnx)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.enable_profiling = True
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = os.path.join(tmp, "profile")
+        sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: x}
+        for _ in range(runs):
+            sess.run(None, feed)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    kernels = [(e["args"]["op_name"], e["dur"] * 1e-6) for e in events if e.get("cat") == "Node"
+               and e["name"].endswith("_kernel_time") and e.get("args", {}).get("op_name") in _CONV_KERNELS]
+    gemm = [k == "gemm" for k in kinds]
+    if len(kernels) != runs * len(kinds) or any(("Gemm" in op) != gemm[i % len(kinds)]
+                                                for i, (op, _) in enumerate(kernels)):
+        raise RuntimeError(f"{path}: the profiled Conv/Gemm kernels do not line up with the graph's {len(kinds)} "
+                           f"Conv/Gemm nodes over {runs} runs")
+    times = [t for _, t in kernels]
+    out: dict[str, tuple[int, float]] = {}
+    for i, kind in enumerate("full" if k == "gemm" else k for k in kinds):
+        n, t = out.get(kind, (0, 0.0))
+        out[kind] = (n + 1, t + sum(times[i::len(kinds)]) / runs)
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,8 +4,9 @@ The fake-quantized forward computes a convolution in float32 on dequantized valu
 accumulates exact int32 products and requantizes them with one float32 multiply. The two agree to within float32
 rounding, so one element in a million lands on the other side of a rounding tie, and deep networks amplify those
 steps. Inside `emulate_onnxruntime(sim)` the layers that onnxruntime runs as integer kernels compute what those
-kernels compute instead (MLAS's expressions, operation by operation), and activation quantizers divide by the scale
-like QuantizeLinear. The result is the QDQ model's output, bit for bit, for the ops listed in EMULATED_OP_TYPES.
+kernels compute instead (MLAS's expressions, operation by operation), a BatchNorm the sim keeps unfolded is folded
+into its layer as the QDQ builder folds it, and activation quantizers divide by the scale like QuantizeLinear. The
+result is the QDQ model's output, bit for bit, for the ops listed in EMULATED_OP_TYPES.
 """
 from __future__ import annotations
 

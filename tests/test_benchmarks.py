@@ -23,6 +23,7 @@ RATIO_COLUMNS = {
     "qat": ["step ratio", "peak mem ratio"],
     "ort_latency": ["fp32 ms", "ours int8", "ORT default", "ORT U8S8 per-channel", "ours / ORT default"],
     "sqnr": ["SQNR min_max", "SQNR tf_enhanced"],
+    "ort_breakdown": ["fp32 ms", "int8 ms", "int8 speed-up", "share of int8 time"],
 }
 FRACTION_COLUMNS = {"fidelity": ["e2e within 1 LSB", "e2e exact", "per-layer within 1 LSB", "per-layer exact",
                                  "emulated e2e exact", "emulated per-layer exact"]}
@@ -74,7 +75,7 @@ def test_quick_run_has_every_table_with_finite_ratios(quick_run):
                 v = row[t["headers"].index(c)]
                 assert isinstance(v, float) and 0.0 <= v <= 1.0, (key, c, row)
     # both architectures in every per-model table; both schemes; ours and both onnxruntime peers
-    for key in ("calibration", "qat", "ort_kernels"):
+    for key in ("calibration", "qat", "ort_kernels", "ort_breakdown"):
         assert MODELS <= {r[0] for r in tables[key]["rows"]}, key
     assert MODELS <= {r[0].split(" @")[0] for r in tables["ort_latency"]["rows"]}  # "<model> @<size>px"
     fidelity_models = {r[0] for r in tables["fidelity"]["rows"]}
