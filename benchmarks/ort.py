@@ -131,7 +131,7 @@ def run(quick: bool = False, models=MODELS) -> list[Table]:
     )
     breakdown = Table(
         "onnxruntime time by convolution kind: fp32 and our int8 model (batch 1, 1 thread, largest input size)",
-        ["model", "kind", "convs", "fp32 ms", "int8 ms", "int8 speed-up", "share of int8 time"],
+        ["model", "kind", "convs", "fp32 ms", "int8 ms", "int8 speed-up", "share of int8 conv time"],
         notes=["onnxruntime's own profiler (SessionOptions.enable_profiling), kernel time summed per run over the "
                "Conv / QLinearConv / QGemm / Gemm nodes of each kind; kinds from the float graph's Conv attributes "
                "(depthwise: group = channels; pointwise: 1x1; full: the rest, with the classifier Gemm). The rest "

@@ -23,7 +23,7 @@ RATIO_COLUMNS = {
     "qat": ["step ratio", "peak mem ratio"],
     "ort_latency": ["fp32 ms", "ours int8", "ORT default", "ORT U8S8 per-channel", "ours / ORT default"],
     "sqnr": ["SQNR min_max", "SQNR tf_enhanced"],
-    "ort_breakdown": ["fp32 ms", "int8 ms", "int8 speed-up", "share of int8 time"],
+    "ort_breakdown": ["fp32 ms", "int8 ms", "int8 speed-up", "share of int8 conv time"],
 }
 FRACTION_COLUMNS = {"fidelity": ["e2e within 1 LSB", "e2e exact", "per-layer within 1 LSB", "per-layer exact",
                                  "emulated e2e exact", "emulated per-layer exact"]}
