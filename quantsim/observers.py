@@ -18,9 +18,7 @@ cannot win, without changing the result.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import functools
 import math
 import threading
 import weakref
@@ -160,11 +158,8 @@ class Background:
 
         #: False: run everything at once on the calling thread (the serial reference; BACKGROUND sets the default)
         self.threads = BACKGROUND if threads is None else bool(threads)
-        # Each worker is one core's worth of work: its ops run single-threaded (torch.set_num_threads sets the
-        # calling thread's OpenMP team only), and `cores()` leaves the forward the other cores.
-        one = functools.partial(torch.set_num_threads, 1)
-        self._updates = ThreadPoolExecutor(1, thread_name_prefix="quantsim-observe", initializer=one)
-        self._weights = ThreadPoolExecutor(1, thread_name_prefix="quantsim-weights", initializer=one)
+        self._updates = ThreadPoolExecutor(1, thread_name_prefix="quantsim-observe")
+        self._weights = ThreadPoolExecutor(1, thread_name_prefix="quantsim-weights")
         self._slots = threading.BoundedSemaphore(max_pending)
         self._futures: list = []
 
@@ -202,21 +197,6 @@ class Background:
                 fn(*args)
 
         self._futures.append(self._weights.submit(job))
-
-    @contextlib.contextmanager
-    def cores(self, cpu: bool = True):
-        """While the forward runs: its intra-op threads one fewer (at least one), the workers' core. Measured on the
-        2-core benchmark machine (docs/calibration.md, section 8): MobileNetV2's forward runs as fast on one
-        thread as on two, and calibrating it this way costs 15% less than with oversubscribed cores."""
-        n = torch.get_num_threads()
-        if not (self.threads and cpu and n > 1):
-            yield
-            return
-        torch.set_num_threads(n - 1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(n)
 
     def join(self) -> None:
         """Wait for all submitted work; raise the first error."""

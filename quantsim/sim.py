@@ -13,7 +13,7 @@ from .bias import DerivedBiasQuantizer
 from .config import GRID_PRESERVING_OP_TYPES, NodePlacement, QuantSpec, load_config, place
 from .distributed import resolve_group
 from .graph import Captured, capture
-from .observers import Background, MinMaxObserver, sync_observers
+from .observers import Background, sync_observers
 from .qmodule import QuantizationMixin, is_quantized, make_quantized
 from .quantizer import QuantizeDequantize
 from .utils import eval_mode, run_batches
@@ -259,20 +259,16 @@ class QuantizationSimModel:
             for q in acts:
                 q.start_observing()
                 q._background = background
-            # histogram updates keep a worker busy through the whole pass: give it a core (min-max ones stay inline)
-            busy = any(not isinstance(q.observer, MinMaxObserver) for q in acts if q.fixed_range is None)
-            on_cpu = all(p.device.type == "cpu" for p in self.model.parameters())
             try:
-                with background.cores(on_cpu and busy):
-                    if callable(forward_pass_callback) and not isinstance(forward_pass_callback, Iterable):
-                        if forward_pass_callback_args is None:
-                            forward_pass_callback(self.model)
-                        else:
-                            forward_pass_callback(self.model, forward_pass_callback_args)
+                if callable(forward_pass_callback) and not isinstance(forward_pass_callback, Iterable):
+                    if forward_pass_callback_args is None:
+                        forward_pass_callback(self.model)
                     else:
-                        run_batches(self.model, forward_pass_callback, num_batches, forward_fn,
-                                    desc="compute_encodings", progress=progress)
-                    background.join()
+                        forward_pass_callback(self.model, forward_pass_callback_args)
+                else:
+                    run_batches(self.model, forward_pass_callback, num_batches, forward_fn, desc="compute_encodings",
+                                progress=progress)
+                background.join()
             finally:
                 background.close()
                 for q in acts:
