@@ -134,8 +134,8 @@ def run(quick: bool = False, models=MODELS) -> list[Table]:
         ["model", "kind", "convs", "fp32 ms", "int8 ms", "int8 speed-up", "share of int8 conv time"],
         notes=["onnxruntime's own profiler (SessionOptions.enable_profiling), kernel time summed per run over the "
                "Conv / QLinearConv / QGemm / Gemm nodes of each kind; kinds from the float graph's Conv attributes "
-               "(depthwise: group = channels; pointwise: 1x1; full: the rest, with the classifier Gemm). The rest "
-               "of the int8 time (QLinearAdd, pooling, QuantizeLinear) is not shown"],
+               "(depthwise: group = channels; pointwise: 1x1; full: the rest, with the classifier Gemm). The share is of "
+               "the int8 Conv/Gemm kernel time (QLinearAdd, pooling and QuantizeLinear are not counted)"],
         key="ort_breakdown",
     )
     with tempfile.TemporaryDirectory() as tmp:
