@@ -584,11 +584,13 @@ def _rank_map(model: onnx.ModelProto) -> dict[str, int]:
     return ranks
 
 
-def fold_bn_into_grid(q: np.ndarray, te: TensorEncoding, k: np.ndarray, axis: int, where: str = "BatchNorm"):
+def fold_bn_into_grid(q: np.ndarray, te: TensorEncoding, k: np.ndarray, axis: int, where: str = "folding a BatchNorm",
+                      node: str | None = None):
     """(q_new, offset_new, scale_new, saturated): integer weights q (on te's grid, channels on `axis`) times the
     BatchNorm scales k, keeping every integer: channel c's scale becomes s_c |k_c| float32 and a negative k_c moves
     into the integers (symmetric: negated, -qmin saturating to qmax, counted in `saturated`; asymmetric: mirrored
     on the grid with the offset). A zero k_c zeroes the channel. quantsim.emulation reproduces folded layers with it.
+    A scale that comes out 0 or not finite raises QDQError(f"{where} gives a weight scale ...", node=node).
     """
     n_out = q.shape[axis]
     s = np.broadcast_to(te.scale.astype(np.float64), (n_out,)) if te.per_channel else np.full(n_out, float(te.scale))
@@ -610,7 +612,7 @@ def fold_bn_into_grid(q: np.ndarray, te: TensorEncoding, k: np.ndarray, axis: in
     q_new = np.where(zero, -o_b, q_new)
     scale = np.where(k == 0, s, s * np.abs(k)).astype(np.float32)
     if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
-        raise QDQError(f"{where}: folding it gives a weight scale that is 0 or not finite")
+        raise QDQError(f"{where} gives a weight scale that is 0 or not finite", node=node)
     return q_new, o_new, scale, saturated
 
 
@@ -629,11 +631,8 @@ def _fold_bn_into_layer(g, layer, bn, te: TensorEncoding, w: np.ndarray, k: np.n
     shape = [1] * w.ndim
     shape[axis] = n_out
     q = quantize_array(w, te.scale, te.offset, te.qmin, te.qmax, axis if te.per_channel else None)
-    try:
-        q_new, o_new, scale, clipped = fold_bn_into_grid(q, te, k, axis, bn.name)
-    except QDQError as e:
-        raise QDQError(f"{bn.name}: folding it into '{layer.name}' gives a weight scale that is 0 or not finite",
-                       node=bn.name) from e
+    q_new, o_new, scale, clipped = fold_bn_into_grid(q, te, k, axis, f"{bn.name}: folding it into '{layer.name}'",
+                                                     node=bn.name)
     if clipped:
         warnings.warn(f"{bn.name}: folding a negative BatchNorm scale into '{layer.input[1]}' saturates "
                       f"{clipped} weight(s) at {te.qmin} to {te.qmax} (one step off)", stacklevel=4)

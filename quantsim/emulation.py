@@ -11,6 +11,7 @@ result is the QDQ model's output, bit for bit, for the ops listed in EMULATED_OP
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,8 +22,10 @@ from torch import nn
 from export.encodings import quantize_array
 
 from .bias import INT32_MAX, INT32_MIN, DerivedBiasQuantizer
+from .observers import _f32
 from .qmodule import is_quantized
 from .quantizer import QuantizeDequantize
+from .utils import eval_mode
 
 __all__ = ["EMULATED_OP_TYPES", "EmulationReport", "emulate_onnxruntime", "plan", "qlinear_add", "quantize_linear",
            "requantize"]
@@ -64,22 +67,16 @@ def requantize(acc: torch.Tensor, multiplier: torch.Tensor, zero_point: int, qmi
     return y.clamp_(qmin - zero_point, qmax - zero_point).round_()
 
 
-def _f32(v: torch.Tensor) -> float:
-    """A float64 scalar rounded once to float32, as a Python float."""
-    return float(v.to(torch.float32))
-
-
 def qlinear_add(a: torch.Tensor, b: torch.Tensor, sa, zpa: int, sb, zpb: int, sc, zpc: int, qmin: int, qmax: int):
     """QLinearAdd's integer output (float tensor) for raw integers a, b (zero points included), as MLAS's AVX2
     kernel computes it: c = fma(a, sa/sc, fma(b, sb/sc, K)), K = zpc - fma(sa/sc, zpa, sb/sc * zpb), each fma
     rounded once to float32, then round half to even and saturate. float64 holds each product and sum exactly.
     """
-    f32 = torch.float32
-    sa, sb, sc = (torch.as_tensor(v, dtype=f32) for v in (sa, sb, sc))
-    r_ac, r_bc = (sa / sc).double(), (sb / sc).double()
-    fixed = float(zpc) - _f32(r_ac * zpa + _f32(r_bc * zpb))  # the compiler contracts one product into an fma
-    inner = (b.double() * r_bc + _f32(torch.tensor(fixed, dtype=torch.float64))).to(f32).double()
-    c = (a.double() * r_ac + inner).to(f32)
+    sa, sb, sc = (_f32(float(v)) for v in (sa, sb, sc))
+    r_ac, r_bc = _f32(sa / sc), _f32(sb / sc)  # one float32 division each (double, rounded once, is exact here)
+    fixed = _f32(zpc - _f32(r_ac * zpa + _f32(r_bc * zpb)))  # the compiler contracts one product into an fma
+    inner = (b.double() * r_bc + fixed).to(torch.float32).double()
+    c = (a.double() * r_ac + inner).to(torch.float32)
     return c.round_().clamp_(qmin, qmax)
 
 
@@ -157,15 +154,14 @@ class _Site:
         else:
             acc = m._conv_forward(kx, kw, None)
         acc = acc.double()
-        bscale = (sx * sw).float()  # input scale x weight scale, float32 (the exporter's int32 bias scale)
+        channels = [-1] + [1] * (acc.dim() - 2)  # output channels are dim 1 of (N, C, ...) and of (N, C)
+        acc_scale = sx * sw  # input scale x weight scale, float32: the int32 bias's scale
         if b is not None:
-            qb = torch.round(b.double() / bscale.double()).clamp_(INT32_MIN, INT32_MAX)
-            acc = acc + qb.reshape([-1] + [1] * (acc.dim() - 2)) if not isinstance(m, nn.Linear) else acc + qb
+            qb = torch.round(b.double() / acc_scale.double()).clamp_(INT32_MIN, INT32_MAX)
+            acc = acc + qb.reshape(channels)
         s_y, zp, qmin, qmax = _scalar_encoding(self.target, self.target.name)
-        mult = (sx * sw) / s_y  # onnxruntime: X_scale * W_scale[c] / Y_scale, float32, left to right
-        if not isinstance(m, nn.Linear):
-            mult = mult.reshape([-1] + [1] * (acc.dim() - 2))
-        return self._finish(requantize(acc, mult, zp, qmin, qmax))
+        mult = acc_scale / s_y  # onnxruntime: X_scale * W_scale[c] / Y_scale, float32, left to right
+        return self._finish(requantize(acc, mult.reshape(channels), zp, qmin, qmax))
 
     def _bias(self) -> torch.Tensor:
         """The bias as the simulation (and the exported ONNX) holds it: after its quantizer, if any."""
@@ -189,7 +185,7 @@ class _Site:
         gamma = bn.weight.detach().cpu().numpy() if bn.weight is not None else ones
         beta = bn.bias.detach().cpu().numpy() if bn.bias is not None else 0 * ones
         k, c = bn_scale_shift(gamma, beta, bn.running_mean.cpu().numpy(), bn.running_var.cpu().numpy(), bn.eps)
-        q_new, o_new, scale, _ = fold_bn_into_grid(q, te, k, 0, self.name)
+        q_new, o_new, scale, _ = fold_bn_into_grid(q, te, k, 0, f"{self.name}: folding its BatchNorm")
         kw = torch.from_numpy((q_new + o_new.reshape([-1] + [1] * (q.ndim - 1))).astype(np.float64))
         bias = np.zeros(n) if m.bias is None else self._bias().detach().cpu().numpy().astype(np.float32).astype(
             np.float64)
@@ -210,23 +206,26 @@ class _Site:
         q_in, _ = self.inputs[0]
         s_in = q_in.get_scale().reshape(()).float()
         kx = self._input_integers(0, x)
-        n = 1
-        for d in x.shape[2:]:
-            n *= int(d)
         acc = kx.flatten(2).sum(-1)
         s_y, zp, qmin, qmax = _scalar_encoding(self.target, self.target.name)
-        mult = s_in / (s_y * torch.tensor(float(n), dtype=torch.float32))
+        mult = s_in / (s_y * torch.tensor(float(math.prod(x.shape[2:])), dtype=torch.float32))
         k = requantize(acc, mult, zp, qmin, qmax)
         return self._finish(k, k.shape + (1,) * (x.dim() - 2))
 
 
 # ----------------------------------------------------------------------------------------------- planning
+def _output_quantizer(module: nn.Module) -> QuantizeDequantize | None:
+    """The module's enabled output quantizer, if it has one."""
+    q = module.output_quantizers[0] if is_quantized(module) and len(module.output_quantizers) else None
+    return q if q is not None and q.enabled else None
+
+
 def _target(sim, name: str, module: nn.Module, op_type: str):
     """(quantizer, BatchNorm or None): the quantizer that requantizes `name`'s output (its own, or that of a sole
     Relu/Clip consumer onnxruntime folds into the QuantizeLinear), and the BatchNorm between them that the QDQ
     builder folds into the layer, if any."""
-    own = module.output_quantizers[0] if len(module.output_quantizers) else None
-    if own is not None and own.enabled:
+    own = _output_quantizer(module)
+    if own is not None:
         return own, None
     bn = None
     cons = sim.graph.consumers(name)
@@ -235,14 +234,13 @@ def _target(sim, name: str, module: nn.Module, op_type: str):
         if not (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats
                 and bn.running_mean is not None and bn.num_features == module.weight.shape[0]):
             raise _Skip("the BatchNorm after it has no running statistics to fold")
-        q = bn.output_quantizers[0] if is_quantized(bn) and len(bn.output_quantizers) else None
-        if q is not None and q.enabled:
+        q = _output_quantizer(bn)
+        if q is not None:
             return q, bn
         name, cons = cons[0], sim.graph.consumers(cons[0])
     if len(cons) == 1 and sim.graph[cons[0]].op_type in _EPILOGUES:
-        nxt = sim.model.get_submodule(cons[0])
-        q = nxt.output_quantizers[0] if is_quantized(nxt) and len(nxt.output_quantizers) else None
-        if q is not None and q.enabled:
+        q = _output_quantizer(sim.model.get_submodule(cons[0]))
+        if q is not None:
             return q, bn
     raise _Skip("its output is not quantized (directly, after a BatchNorm, or after a Relu/Clip)")
 
@@ -276,10 +274,10 @@ def plan(sim) -> tuple[dict[str, _Site], EmulationReport]:
 
 
 def _passthrough(bn: nn.Module):
-    own = bn.output_quantizers[0] if is_quantized(bn) and len(bn.output_quantizers) else None
+    own = _output_quantizer(bn)
 
     def forward(x):
-        return own(x) if own is not None and own.enabled else x  # on own's grid already: hooks still see it
+        return own(x) if own is not None else x  # on own's grid already: hooks still see it
 
     return forward
 
@@ -301,7 +299,6 @@ def emulate_onnxruntime(sim):
     sites, report = plan(sim)
     patched: list[tuple[nn.Module, object]] = []  # (module, its previous instance-level forward or None)
     sim._emulating = True
-    modes = {m: m.training for m in sim.model.modules()}
     try:
         for site in sites.values():
             patched.append((site.module, site.module.__dict__.get("forward")))
@@ -314,8 +311,7 @@ def emulate_onnxruntime(sim):
                     and not isinstance(q, DerivedBiasQuantizer) and q.is_initialized()):
                 patched.append((q, q.__dict__.get("forward")))
                 q.forward = _activation_forward(q)
-        sim.model.eval()
-        with torch.no_grad():
+        with eval_mode(sim.model), torch.no_grad():
             yield report
     finally:
         sim._emulating = False
@@ -324,5 +320,3 @@ def emulate_onnxruntime(sim):
                 m.__dict__.pop("forward", None)
             else:
                 m.forward = previous
-        for m, training in modes.items():
-            m.training = training

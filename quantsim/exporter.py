@@ -992,13 +992,9 @@ def onnxruntime_fidelity(sim, qdq_model, inputs, *, teacher_forced: bool = False
     model = qdq_model if isinstance(qdq_model, onnx.ModelProto) else onnx.load(os.fspath(qdq_model))
     model = onnx.ModelProto.FromString(model.SerializeToString())
     mapping = mapping or export_onnx(sim, tuple(a[:1] for a in args), mapping_only=True)
-    emulation = None
-    if emulate:
-        from .emulation import emulate_onnxruntime
+    from .emulation import emulate_onnxruntime
 
-        with emulate_onnxruntime(sim) as emulation:
-            caps, out = _capture_quantizer_outputs(sim, args)
-    else:
+    with emulate_onnxruntime(sim) if emulate else contextlib.nullcontext() as emulation:
         caps, out = _capture_quantizer_outputs(sim, args)
     g = model.graph
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
