@@ -22,6 +22,7 @@ import ctypes
 import math
 import threading
 import weakref
+from collections import deque
 
 import torch
 
@@ -142,84 +143,206 @@ def _bincount(idx: torch.Tensor, length: int, spread: bool = False) -> torch.Ten
 BACKGROUND = True
 
 
+_omp_set_num_threads = None
+
+
+def _single_threaded_ops() -> None:
+    """Run this thread's torch ops on this thread alone (the others keep their threads).
+
+    torch.set_num_threads is process-wide (and drops oneDNN's cached convolutions); with torch's OpenMP backend
+    the runtime's own setting is per thread. A worker beside a forward that already uses every core only adds
+    fork/join waits by splitting its elementwise ops. Without an OpenMP backend this does nothing.
+    """
+    global _omp_set_num_threads
+    if torch.get_num_threads() == 1:  # also runs torch's lazy per-thread set-up, which would undo ours
+        return
+    if _omp_set_num_threads is None:
+        _omp_set_num_threads = False
+        if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+            try:
+                _omp_set_num_threads = ctypes.CDLL(None).omp_set_num_threads
+            except (AttributeError, OSError):
+                pass
+    if _omp_set_num_threads:
+        _omp_set_num_threads(1)
+        if torch.get_num_threads() != 1:  # a different OpenMP runtime than torch's
+            _omp_set_num_threads = False
+
+
 class Background:
-    """Calibration work off the forward's thread: observer updates and weight encodings, each on its own worker.
+    """Calibration work beside the forward: histogram updates and weight searches, on one worker thread.
 
     The float forward of a small-kernel network (depthwise convolutions, small 1x1 layers) leaves cores idle;
-    histogram updates (a serial counting loop) and the weights' encoding searches fill them. Updates run in
-    submission order on one worker, so every observer sees its batches in the order a serial run gives it:
-    the statistics are identical. A submitted tensor is a copy (layers after the quantizer may modify theirs in
-    place), at most `max_pending` are queued, and the first error (e.g. NaN in a batch, naming the quantizer) is
-    raised at the next submit or at `join`.
+    histogram updates (a serial counting loop) and the weights' encoding searches fill them. The worker takes
+    updates first, in submission order and each on a copy of its tensor (a later op may modify the original in
+    place), and weight searches (`run`) when no update waits. The submitting thread helps instead of idling:
+    once `max_pending` updates wait, it applies its own update on the spot (no copy needed) if its observer has
+    none waiting or running, else the oldest waiting update; at `join` it takes what is left. No two updates
+    of one observer ever run at once or out of order, so every observer sees its batches as a serial run gives
+    them: the statistics are identical. The first error (e.g. NaN in a batch, naming the quantizer) is raised
+    at the next submit or at `join`.
     """
 
     def __init__(self, max_pending: int = 4, threads: bool | None = None):
-        from concurrent.futures import ThreadPoolExecutor
-
         #: False: run everything at once on the calling thread (the serial reference; BACKGROUND sets the default)
         self.threads = BACKGROUND if threads is None else bool(threads)
-        self._updates = ThreadPoolExecutor(1, thread_name_prefix="quantsim-observe")
-        self._weights = ThreadPoolExecutor(1, thread_name_prefix="quantsim-weights")
-        self._slots = threading.BoundedSemaphore(max_pending)
-        self._futures: list = []
+        self.max_pending = max(1, int(max_pending))
+        self._cv = threading.Condition()
+        self._updates: deque = deque()  # (key, fn, args), oldest first
+        self._jobs: deque = deque()  # (None, fn, args): independent work
+        self._pending: dict = {}  # key -> its updates waiting or running
+        self._running: set = set()  # keys of updates being applied
+        self._busy = 0  # items being run by any thread
+        self._error: BaseException | None = None  # to be raised on the submitting thread
+        self._failed = False
+        self._closed = False
+        self._worker: threading.Thread | None = None
 
-    def _check(self) -> None:
-        for f in self._futures:
-            if f.done() and f.exception() is not None:
-                raise f.exception()
-        self._futures = [f for f in self._futures if not f.done()]
+    # -------------------------------------------------------------------------------------- (lock held)
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
-    def update(self, fn, x: torch.Tensor) -> None:
-        """Run fn(copy of x) on the update worker, after every update submitted before."""
+    def _next(self, jobs: bool = True):
+        """The oldest update whose observer has no update running, else (if `jobs`) an independent job."""
+        if self._updates and self._updates[0][0] not in self._running:
+            item = self._updates.popleft()
+            self._running.add(item[0])
+        elif jobs and self._jobs:
+            item = self._jobs.popleft()
+        else:
+            return None
+        self._busy += 1
+        return item
+
+    def _execute(self, item) -> None:
+        """Run a taken item (lock not held); record its first error; release its observer."""
+        key, fn, args = item
+        try:
+            if key is None or not self._failed:  # after an error, updates are dropped (as a serial run stops)
+                with torch.no_grad():
+                    fn(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the submitting thread
+            with self._cv:
+                self._error = self._error or e
+                self._failed = True
+        finally:
+            with self._cv:
+                self._busy -= 1
+                if key is not None:
+                    self._running.discard(key)
+                    self._pending[key] -= 1
+                self._cv.notify_all()
+
+    def _work(self) -> None:
+        _single_threaded_ops()
+        while True:
+            with self._cv:
+                item = self._next()
+                while item is None and not self._closed:
+                    self._cv.wait()
+                    item = self._next()
+                if item is None:
+                    return
+            self._execute(item)
+
+    def _submit(self, queue: deque, item) -> None:
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("Background: submit after close")
+            queue.append(item)
+            if item[0] is not None:
+                self._pending[item[0]] = self._pending.get(item[0], 0) + 1
+            self._cv.notify_all()
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="quantsim-calibrate", daemon=True)
+                self._worker.start()
+
+    # ------------------------------------------------------------------------------------------- API
+    def update(self, key, fn, x: torch.Tensor) -> None:
+        """Apply fn(x), after every update submitted before for the same `key` (an observer)."""
         if not self.threads:
             return fn(x)
-        self._check()
-        x = x.clone()
-        self._slots.acquire()
-
-        def job():
-            try:
-                with torch.no_grad():
-                    fn(x)
-            finally:
-                self._slots.release()
-
-        self._futures.append(self._updates.submit(job))
+        while True:
+            with self._cv:
+                self._raise()
+                if len(self._updates) < self.max_pending:
+                    break
+                own = not self._pending.get(key)
+                if own:  # the worker is behind: apply this update here, on the original
+                    self._busy += 1
+                    self._pending[key] = 1
+                    self._running.add(key)
+                    item = (key, fn, (x,))
+                else:
+                    item = self._next(jobs=False)
+                    if item is None:
+                        self._cv.wait()
+                        continue
+            self._execute(item)
+            if own:
+                with self._cv:
+                    self._raise()
+                return
+        self._submit(self._updates, (key, fn, (x.clone(),)))
 
     def run(self, fn, *args) -> None:
-        """Run `fn(*args)` on the weights worker (no gradients)."""
+        """Run `fn(*args)` (no gradients), independent of everything else."""
         if not self.threads:
             with torch.no_grad():
                 return fn(*args)
+        self._submit(self._jobs, (None, fn, args))
 
-        def job():
-            with torch.no_grad():
-                fn(*args)
+    def map(self, fn, items) -> list:
+        """[fn(item) for item in items], spread over the worker and this thread; raises the first error."""
+        if not self.threads:
+            return [fn(item) for item in items]
+        results = [None] * len(items)
 
-        self._futures.append(self._weights.submit(job))
+        def job(i, item):
+            results[i] = fn(item)
+
+        for i, item in enumerate(items):
+            self.run(job, i, item)
+        self.join()
+        return results
 
     def join(self) -> None:
-        """Wait for all submitted work; raise the first error."""
-        try:
-            for f in self._futures:
-                f.result()
-        finally:
-            self._futures = []
+        """Help with the remaining work, wait until it is done; raise the first error."""
+        if not self.threads:
+            return
+        while True:
+            with self._cv:
+                item = self._next()
+                if item is None:
+                    if not (self._updates or self._jobs or self._busy):
+                        self._raise()
+                        return
+                    self._cv.wait()
+                    continue
+            self._execute(item)
 
     def close(self) -> None:
-        for f in self._futures:
-            f.cancel()
-        self._updates.shutdown(wait=True)
-        self._weights.shutdown(wait=True)
-        self._futures = []
+        """Drop work not started, stop the worker (after the item it runs)."""
+        with self._cv:
+            self._closed = True
+            for key, _, _ in self._updates:
+                self._pending[key] -= 1
+            self._updates.clear()
+            self._jobs.clear()
+            self._cv.notify_all()
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
 
 
 class _Workspace:
     """Scratch buffers for the binning of large inputs, reused from batch to batch.
 
     A fresh temporary the size of an activation costs a page fault per 4 KiB on first touch, which on
-    some machines costs more than the arithmetic done in it. Histogram observers hold the workspace of
-    their thread while they have statistics and drop it on reset (quantizers reset their observer once the
+    some machines costs more than the arithmetic done in it. Histogram observers hold the workspaces of
+    the threads that updated them while they have statistics and drop them on reset (quantizers reset their observer once the
     encoding is set), so the buffers are freed when calibration ends.
     """
 
@@ -425,7 +548,7 @@ class HistogramObserver(Observer):
         super().__init__(channel_axis)
 
     def _reset_stats(self) -> None:
-        self._scratch: _Workspace | None = None  # held while there are statistics (see _Workspace)
+        self._scratch: set[_Workspace] = set()  # held while there are statistics (see _Workspace)
         self._hist: torch.Tensor | None = None  # (C, B) float64 counts
         # (C,) tensors per channel, Python floats per tensor (see Observer):
         self._vlo = self._vhi = None  # histogram range, lo <= 0 <= hi
@@ -544,9 +667,9 @@ class HistogramObserver(Observer):
         # by bins are exact), one pass fewer; x - 0 is x.
         step = rnd(width / nb)
         n = x.numel()
-        if self._scratch is None:
-            self._scratch = _workspace()
-        pos = self._scratch.take(x.dtype, x.device, n).view(x.shape)
+        scratch = _workspace()  # this thread's: updates of one observer may run on different threads
+        self._scratch.add(scratch)
+        pos = scratch.take(x.dtype, x.device, n).view(x.shape)
         tiny = torch.finfo(x.dtype).tiny  # width / bins is exact unless it is subnormal
         if nb & (nb - 1) == 0 and step >= tiny:
             if lo_x == 0.0:
@@ -557,7 +680,7 @@ class HistogramObserver(Observer):
             torch.sub(x, lo_x, out=pos).mul_(nb).div_(width)
         if clip:  # clamping the position is clamping x to [lo, hi]: both are monotone
             pos.clamp_(0, nb)
-        idx = self._scratch.take(torch.int16 if nb < 32767 else torch.int32, x.device, n)
+        idx = scratch.take(torch.int16 if nb < 32767 else torch.int32, x.device, n)
         idx.view(x.shape).copy_(pos)  # truncation; pos >= 0
         counts = _bincount(idx, nb + 1, spread=lo_x == 0.0)
         hist += counts[:nb]

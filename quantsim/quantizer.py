@@ -166,7 +166,7 @@ class QuantizeDequantize(nn.Module):
     def _observe(self, x: torch.Tensor) -> None:
         background = self.__dict__.get("_background")
         if background is not None and x.device.type == "cpu" and not isinstance(self.observer, MinMaxObserver):
-            background.update(self._update_observer, self._channel_major(x.detach()))
+            background.update(self, self._update_observer, self._channel_major(x.detach()))
         else:
             self._update_observer(self._channel_major(x.detach()))
 

@@ -270,15 +270,17 @@ class QuantizationSimModel:
                                 progress=progress)
                 background.join()
             finally:
-                background.close()
                 for q in acts:
                     q.__dict__.pop("_background", None)
                 for q in params:
                     q.enabled = q._observing_saved
                     del q._observing_saved
-                sync_observers([q.observer for q in acts if q.fixed_range is None], group,  # all ranks' statistics
-                               acts[0].scale.device if acts else None)
-                seen = [q.stop_observing() for q in acts]
+                try:
+                    sync_observers([q.observer for q in acts if q.fixed_range is None], group,  # all ranks' statistics
+                                   acts[0].scale.device if acts else None)
+                    seen = background.map(lambda q: q.stop_observing(), acts)  # the activation searches
+                finally:
+                    background.close()
         if acts and not any(seen):
             raise ValueError(
                 "compute_encodings: no activation quantizer saw any data; the callback must run sim.model "

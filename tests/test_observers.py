@@ -681,3 +681,77 @@ def test_background_calibration_reports_nan_with_the_quantizer_name():
     bad[3, 5] = float("nan")
     with pytest.raises(ValueError, match=r"fc1\.output_quantizers\[0\]|input_quantizers\[0\]"):
         sim.compute_encodings([torch.randn(8, 16), bad, torch.randn(8, 16)], progress=False)
+
+
+def test_background_keeps_each_observers_order_when_the_caller_helps():
+    """With one pending update allowed, the submitting thread applies updates itself (its own or the oldest queued)
+    while the worker runs others; each observer still gets its batches in submission order: the histograms equal
+    a serial run's exactly."""
+    import threading
+
+    from quantsim.observers import Background, HistogramObserver
+
+    torch.manual_seed(0)
+    data = [(i % 3, torch.randn(200_000) * (1 + i)) for i in range(24)]  # growing ranges: order matters
+    serial = [HistogramObserver() for _ in range(3)]
+    for k, x in data:
+        serial[k].update(x)
+    threaded = [HistogramObserver() for _ in range(3)]
+    threads = set()
+
+    def update(k, x):
+        threads.add(threading.current_thread().name)
+        threaded[k].update(x)
+
+    bg = Background(max_pending=1, threads=True)
+    try:
+        for k, x in data:
+            bg.update(k, lambda x, k=k: update(k, x), x)
+        bg.join()
+    finally:
+        bg.close()
+    assert threads == {threading.current_thread().name, "quantsim-calibrate"}  # both threads did updates
+    for a, b in zip(threaded, serial):
+        (ha, loa, hia), (hb, lob, hib) = a.histogram(), b.histogram()
+        assert torch.equal(ha, hb) and torch.equal(loa, lob) and torch.equal(hia, hib)
+
+
+def test_background_error_drops_later_updates_and_is_raised():
+    """After a failed update the later ones are not applied (a serial run would have stopped there)."""
+    from quantsim.observers import Background
+
+    applied = []
+
+    def update(x):
+        if x.item() == 2:
+            raise ValueError("bad batch 2")
+        applied.append(x.item())
+
+    bg = Background(max_pending=8, threads=True)
+    try:
+        with pytest.raises(ValueError, match="bad batch 2"):  # at a later submit or at join
+            for i in range(5):
+                bg.update("q", update, torch.tensor(float(i)))
+            bg.join()
+    finally:
+        bg.close()
+    assert applied == [0.0, 1.0]
+
+
+def test_background_worker_ops_are_single_threaded_and_the_callers_threads_unchanged():
+    """The worker splits no op over threads (the forward beside it already uses the cores); torch's thread count on
+    the calling thread is untouched."""
+    from quantsim.observers import Background
+
+    before = torch.get_num_threads()
+    seen = []
+    bg = Background(threads=True)
+    try:
+        bg.run(lambda: seen.append(torch.get_num_threads()))
+        assert bg.map(lambda v: v * 2, [1, 2, 3]) == [2, 4, 6]
+        bg.join()
+    finally:
+        bg.close()
+    assert torch.get_num_threads() == before
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert seen == [1]
