@@ -193,6 +193,8 @@ class Background:
         self._pending: dict = {}  # key -> its updates waiting or running
         self._running: set = set()  # keys of updates being applied
         self._busy = 0  # items being run by any thread
+        self._jobs_running = 0  # independent jobs among them
+        self._lent: int | None = None  # the caller's torch thread count while it lends a core to the worker
         self._error: BaseException | None = None  # to be raised on the submitting thread
         self._failed = False
         self._closed = False
@@ -211,10 +213,23 @@ class Background:
             self._running.add(item[0])
         elif jobs and self._jobs:
             item = self._jobs.popleft()
+            self._jobs_running += 1
         else:
             return None
         self._busy += 1
         return item
+
+    def _lend_a_core(self) -> None:
+        """The updates alone outpace the worker: the caller's ops use one thread fewer until `join` (a forward
+        whose threads share their cores with a busy worker waits for them at every op)."""
+        self._lent = torch.get_num_threads()
+        if self._lent > 1:
+            torch.set_num_threads(self._lent - 1)
+
+    def _return_the_core(self) -> None:
+        if self._lent is not None and self._lent > 1:
+            torch.set_num_threads(self._lent)
+        self._lent = None
 
     def _execute(self, item) -> None:
         """Run a taken item (lock not held); record its first error; release its observer."""
@@ -233,6 +248,8 @@ class Background:
                 if key is not None:
                     self._running.discard(key)
                     self._pending[key] -= 1
+                else:
+                    self._jobs_running -= 1
                 self._cv.notify_all()
 
     def _work(self) -> None:
@@ -269,6 +286,8 @@ class Background:
                 self._raise()
                 if len(self._updates) < self.max_pending:
                     break
+                if self._lent is None and not self._jobs_running:
+                    self._lend_a_core()
                 own = not self._pending.get(key)
                 if own:  # the worker is behind: apply this update here, on the original
                     self._busy += 1
@@ -317,6 +336,7 @@ class Background:
                 item = self._next()
                 if item is None:
                     if not (self._updates or self._jobs or self._busy):
+                        self._return_the_core()
                         self._raise()
                         return
                     self._cv.wait()
@@ -325,6 +345,7 @@ class Background:
 
     def close(self) -> None:
         """Drop work not started, stop the worker (after the item it runs)."""
+        self._return_the_core()
         with self._cv:
             self._closed = True
             for key, _, _ in self._updates:
@@ -1043,7 +1064,7 @@ class SqnrObserver(HistogramObserver):
         pick = alive = None
         if self.quant_noise != "midpoint" or self.gamma < 0:  # no bounds: evaluate everything
             pass
-        elif symmetric and n_k >= 8:
+        elif symmetric and n_k >= 8 and counts.shape[1] > _PRUNE_MIN_BINS:
             # Candidates in order of increasing delta, one offset: the clipped error in absolute units
             # (K delta^2) never increases along them, nor does the lower bound gamma K delta^2. So the
             # candidates that can win are a suffix, from the first whose lower bound is within the exact noise

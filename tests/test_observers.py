@@ -755,3 +755,37 @@ def test_background_worker_ops_are_single_threaded_and_the_callers_threads_uncha
     assert torch.get_num_threads() == before
     if "parallel backend: OpenMP" in torch.__config__.parallel_info():
         assert seen == [1]
+
+
+def test_background_caller_lends_a_core_while_it_helps_and_gets_it_back():
+    """When updates alone outpace the worker, the caller's ops use one thread fewer (its threads would wait for the
+    core the worker holds) until join, which restores torch's thread count, as does close after an error."""
+    import threading
+
+    from quantsim.observers import Background
+
+    before = torch.get_num_threads()
+    on_caller = []
+
+    def update(x):
+        if threading.current_thread() is threading.main_thread():
+            on_caller.append(torch.get_num_threads())
+        for _ in range(4):  # more work than the submit's copy of x
+            torch.bincount(x)
+
+    x = torch.randint(0, 512, (1_000_000,))
+    for fail in (False, True):
+        bg = Background(max_pending=1, threads=True)
+        try:
+            for _ in range(12):
+                bg.update(object(), update, x)  # distinct observers: the caller applies its own when the queue is full
+            if fail:
+                raise RuntimeError("the forward failed")
+            bg.join()
+        except RuntimeError:
+            assert fail
+        finally:
+            bg.close()
+        assert torch.get_num_threads() == before
+    assert on_caller, "the caller never helped"
+    assert set(on_caller) == {max(before - 1, 1)}
