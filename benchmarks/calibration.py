@@ -5,7 +5,7 @@ import torch
 
 from quantsim import QuantizationSimModel
 
-from .common import Table, interleaved_medians, peak_tensor_bytes
+from .common import Table, paired_ratio_medians, peak_tensor_bytes
 from .models import batches, make_model
 
 SCHEMES = ["min_max", "tf_enhanced", "percentile", "mse"]
@@ -18,8 +18,9 @@ def run(quick: bool = False, models=("resnet18", "mobilenet_v2")) -> list[Table]
     table = Table(
         "calibration: compute_encodings time / float forward time (same batches)",
         ["model", "scheme", "ratio", "target", "ok", "peak mem ratio"],
-        notes=[f"{n_batches} batches of {batch}; medians of {repeats} interleaved repeats; peak = tensor bytes "
-               "allocated"],
+        notes=[f"{n_batches} batches of {batch}; ratio = median over {repeats} rounds of compute_encodings time / the "
+               "float forward timed just before it (schemes in rotating order); peak = tensor bytes allocated by the "
+               "calling thread (the calibration worker's copies' processing and scratch buffers are not counted)"],
         key="calibration",
     )
     for name in models:
@@ -34,13 +35,11 @@ def run(quick: bool = False, models=("resnet18", "mobilenet_v2")) -> list[Table]
                 for x in data:
                     model(x)
 
-        fns = {"float": float_pass}
-        for s, sim in sims.items():
-            fns[s] = lambda sim=sim: sim.compute_encodings(data, progress=False)
-        med = interleaved_medians(fns, repeats=repeats, warmup=warmup)
+        fns = {s: (lambda sim=sim: sim.compute_encodings(data, progress=False)) for s, sim in sims.items()}
+        ratios = paired_ratio_medians(float_pass, fns, repeats=repeats, warmup=warmup)
         float_peak = peak_tensor_bytes(float_pass)
         for s in SCHEMES:
-            ratio = med[s] / med["float"]
+            ratio = ratios[s]
             mem = peak_tensor_bytes(fns[s]) / max(float_peak, 1)
             table.add(name, s, ratio, TARGETS[s], "yes" if ratio <= TARGETS[s] else "NO", mem)
     return [table]

@@ -34,6 +34,26 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7, 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def paired_ratio_medians(baseline: Callable[[], object], fns: dict[str, Callable[[], object]], repeats: int = 5,
+                         warmup: int = 1) -> dict[str, float]:
+    """Median over repeats of time(fn) / time(baseline), the baseline timed just before each fn, candidates in an order
+    rotated every round. Pairing cancels the drift of a shared machine's speed over seconds, which a ratio of
+    separately taken medians keeps (seen here: the same code's ratio moving by 1.0 between runs)."""
+    for _ in range(warmup):
+        for fn in (baseline, *fns.values()):
+            fn()
+    names = list(fns)
+    ratios: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            baseline()
+            t1 = time.perf_counter()
+            fns[k]()
+            ratios[k].append((time.perf_counter() - t1) / (t1 - t0))
+    return {k: statistics.median(v) for k, v in ratios.items()}
+
+
 class _PeakTensorMemory(TorchDispatchMode):
     """Tracks the bytes of live tensor storages created by ops (autograd's saved tensors included); results that
     alias an input (views, in-place ops) are not new allocations and are skipped."""

@@ -130,3 +130,29 @@ def test_report_renders_page_with_targets_tables_and_plots(quick_run, tmp_path):
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert f"](_static/{name})" in text
     assert not list(tmp_path.rglob(".tmp-*")), "a temporary file was left behind"
+
+
+def test_paired_ratio_medians_pairs_each_call_with_the_baseline_just_before_it(monkeypatch):
+    """On a clock that runs slower and slower (a machine slowing down), each candidate's ratio to the baseline timed
+    right before it stays exact, and the candidates' order rotates from round to round."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import common
+
+    clock = [0.0]
+    speed = [1.0]
+    calls = []
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+
+    def work(name, units):
+        def fn():
+            calls.append(name)
+            clock[0] += units * speed[0]
+            speed[0] *= 1.5  # everything after runs slower
+        return fn
+
+    ratios = common.paired_ratio_medians(work("base", 1.0), {"a": work("a", 2.0), "b": work("b", 3.0)},
+                                         repeats=4, warmup=0)
+    assert ratios == pytest.approx({"a": 2.0 * 1.5, "b": 3.0 * 1.5})  # each call runs 1.5x slower than the one before
+    rounds = [calls[i:i + 4] for i in range(0, 16, 4)]
+    assert [r[1::2] for r in rounds] == [["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]]
+    assert all(r[0::2] == ["base", "base"] for r in rounds)
