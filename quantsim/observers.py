@@ -193,8 +193,6 @@ class Background:
         self._pending: dict = {}  # key -> its updates waiting or running
         self._running: set = set()  # keys of updates being applied
         self._busy = 0  # items being run by any thread
-        self._jobs_running = 0  # independent jobs among them
-        self._lent: int | None = None  # the caller's torch thread count while it lends a core to the worker
         self._error: BaseException | None = None  # to be raised on the submitting thread
         self._failed = False
         self._closed = False
@@ -213,23 +211,10 @@ class Background:
             self._running.add(item[0])
         elif jobs and self._jobs:
             item = self._jobs.popleft()
-            self._jobs_running += 1
         else:
             return None
         self._busy += 1
         return item
-
-    def _lend_a_core(self) -> None:
-        """The updates alone outpace the worker: the caller's ops use one thread fewer until `join` (a forward
-        whose threads share their cores with a busy worker waits for them at every op)."""
-        self._lent = torch.get_num_threads()
-        if self._lent > 1:
-            torch.set_num_threads(self._lent - 1)
-
-    def _return_the_core(self) -> None:
-        if self._lent is not None and self._lent > 1:
-            torch.set_num_threads(self._lent)
-        self._lent = None
 
     def _execute(self, item) -> None:
         """Run a taken item (lock not held); record its first error; release its observer."""
@@ -248,8 +233,6 @@ class Background:
                 if key is not None:
                     self._running.discard(key)
                     self._pending[key] -= 1
-                else:
-                    self._jobs_running -= 1
                 self._cv.notify_all()
 
     def _work(self) -> None:
@@ -286,8 +269,6 @@ class Background:
                 self._raise()
                 if len(self._updates) < self.max_pending:
                     break
-                if self._lent is None and not self._jobs_running:
-                    self._lend_a_core()
                 own = not self._pending.get(key)
                 if own:  # the worker is behind: apply this update here, on the original
                     self._busy += 1
@@ -336,7 +317,6 @@ class Background:
                 item = self._next()
                 if item is None:
                     if not (self._updates or self._jobs or self._busy):
-                        self._return_the_core()
                         self._raise()
                         return
                     self._cv.wait()
@@ -345,7 +325,6 @@ class Background:
 
     def close(self) -> None:
         """Drop work not started, stop the worker (after the item it runs)."""
-        self._return_the_core()
         with self._cv:
             self._closed = True
             for key, _, _ in self._updates:
@@ -1013,6 +992,39 @@ class SqnrObserver(HistogramObserver):
                 out[blk] = e2.mul_(counts[blk, None, :]).sum(-1)
         return out * deltas**2
 
+    def _noise_pairs(self, bins, rows: torch.Tensor, deltas: torch.Tensor, offsets: torch.Tensor, ns: int):
+        """expected_noise of the (row, candidate) pairs given by `rows` (P,) and their deltas, offsets (P,): the
+        per-bin float32 arithmetic of `_noise` (same ops, same sums over each row's bins), with no padding to the
+        longest row's number of candidates."""
+        mids, counts, _ = bins
+        out = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)
+        for blk in _blocks(rows.shape[0], mids.shape[1], _SEARCH_BLOCK_ELEMENTS):
+            r = rows[blk]
+            y = mids[r].float().div_(deltas[blk].float()[:, None])
+            y -= offsets[blk].float()[:, None]  # (p, B)
+            q = torch.round(y)
+            qc = q.clamp(0, ns)
+            clipped = q != qc if (self.gamma != 1.0 or self.quant_noise == "uniform") else None
+            e2 = qc.sub_(y).square_()
+            if self.quant_noise == "uniform":
+                e2 = torch.where(clipped, e2 * self.gamma, torch.full_like(e2, 1.0 / 12.0))
+            elif clipped is not None:
+                e2 = torch.where(clipped, e2.mul(self.gamma), e2)
+            out[blk] = e2.mul_(counts[r].float()).sum(-1)
+        return out * deltas**2
+
+    def _argmin_pairs(self, bins, alive: torch.Tensor, deltas: torch.Tensor, offsets: torch.Tensor, ns: int,
+                      known: dict | None = None) -> torch.Tensor:
+        """(c, 1) argmin over each row's alive candidates (ties: the first, like argmin), evaluating only those;
+        `known`: {candidate index: (c,) noise} already evaluated for every row."""
+        rows, cand = alive.nonzero(as_tuple=True)
+        noise = torch.full(alive.shape, math.inf, dtype=torch.float64, device=alive.device)
+        if rows.numel():
+            noise[rows, cand] = self._noise_pairs(bins, rows, deltas[rows, cand], offsets[rows, cand], ns)
+        for j, v in (known or {}).items():
+            noise[:, j] = v
+        return noise.argmin(dim=1, keepdim=True)
+
     def _clipping(self, bins, cum: torch.Tensor, hist: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                   deltas: torch.Tensor, offsets: torch.Tensor, ns: int, ambiguity: bool = True):
         """(clipped, inside, ambiguous), float64 (c, K) closed forms, O(1) per candidate (see `_search`).
@@ -1100,6 +1112,10 @@ class SqnrObserver(HistogramObserver):
                 limit = torch.minimum(limit, upper.min(dim=1, keepdim=True).values * (1 + 1e-4))
                 alive[:, start:] &= lower <= limit
             alive |= _ambiguous(self.num_bins, lo, hi, deltas[:, :low], offsets[:, :low], ns)
+            if c > 1:  # rows keep different numbers of candidates (2 on average, up to 15): evaluate just those
+                alive = torch.cat([alive, torch.zeros(c, n_k - low, dtype=torch.bool, device=dev)], 1)
+                return self._argmin_pairs(bins, alive, deltas, offsets, ns,
+                                          {n_k - 2: top_noise[:, 0], n_k - 1: top_noise[:, 1]})
             pick = _compact_indices(alive)
             if pick.shape[1]:
                 low_noise = self._noise(bins, deltas.gather(1, pick), offsets.gather(1, pick), ns)
