@@ -161,7 +161,7 @@ def _single_threaded_ops() -> None:
         if "parallel backend: OpenMP" in torch.__config__.parallel_info():
             try:
                 _omp_set_num_threads = ctypes.CDLL(None).omp_set_num_threads
-            except (AttributeError, OSError):
+            except (AttributeError, OSError, TypeError):  # TypeError: no process handle (Windows)
                 pass
     if _omp_set_num_threads:
         _omp_set_num_threads(1)
