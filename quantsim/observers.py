@@ -323,14 +323,22 @@ class Background:
                     continue
             self._execute(item)
 
-    def close(self) -> None:
-        """Drop work not started, stop the worker (after the item it runs)."""
+    def drain(self) -> None:
+        """Drop work not started and wait for what runs; forget an unraised error (the caller is already failing)."""
         with self._cv:
-            self._closed = True
             for key, _, _ in self._updates:
                 self._pending[key] -= 1
             self._updates.clear()
             self._jobs.clear()
+            self._error = None
+            while self._busy:
+                self._cv.wait()
+
+    def close(self) -> None:
+        """Drop work not started, stop the worker (after the item it runs)."""
+        self.drain()
+        with self._cv:
+            self._closed = True
             self._cv.notify_all()
         if self._worker is not None:
             self._worker.join()

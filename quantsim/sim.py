@@ -276,6 +276,7 @@ class QuantizationSimModel:
                     q.enabled = q._observing_saved
                     del q._observing_saved
                 try:
+                    background.drain()  # nothing left after join; after a failed forward, what was still queued
                     sync_observers([q.observer for q in acts if q.fixed_range is None], group,  # all ranks' statistics
                                    acts[0].scale.device if acts else None)
                     seen = background.map(lambda q: q.stop_observing(), acts)  # the activation searches

@@ -775,3 +775,30 @@ def test_background_calibration_is_reproducible():
         assert other.keys() == runs[0].keys()
         for k, (s, o) in other.items():
             assert torch.equal(s, runs[0][k][0]) and torch.equal(o, runs[0][k][1]), k
+
+
+def test_compute_encodings_after_a_failed_forward_raises_it_and_a_new_call_starts_clean():
+    """A callback that fails with updates still queued: its error propagates, the queued updates are dropped
+    before the encodings are computed, and a later compute_encodings equals one on a fresh sim."""
+    from quantsim import QuantizationSimModel
+
+    torch.manual_seed(0)
+    model = _InPlaceAfter()
+    data = [torch.randn(256, 16) * (1 + i) for i in range(6)]
+
+    def failing(m):
+        for x in data:
+            m(x)
+        raise KeyError("callback failed")
+
+    sim = QuantizationSimModel(model, quant_scheme="tf_enhanced")
+    with pytest.raises(KeyError, match="callback failed"):
+        sim.compute_encodings(failing)
+    assert not any(q._observing for _, q in sim.named_quantizers())
+    sim.compute_encodings(data, progress=False)
+    fresh = QuantizationSimModel(model, quant_scheme="tf_enhanced")
+    fresh.compute_encodings(data, progress=False)
+    a, b = dict(sim.named_quantizers()), dict(fresh.named_quantizers())
+    for k, q in a.items():
+        if q.is_initialized():
+            assert torch.equal(q.get_scale(), b[k].get_scale()) and torch.equal(q.get_offset(), b[k].get_offset()), k
