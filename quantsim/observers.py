@@ -986,39 +986,36 @@ class SqnrObserver(HistogramObserver):
         for blk in _blocks(c, deltas.shape[1] * nb, _SEARCH_BLOCK_ELEMENTS):
             y = mids[blk, None, :] / d32[blk, :, None]
             y -= o32[blk, :, None]  # (c, K, B)
-            q = torch.round(y)
-            qc = q.clamp(0, ns)
-            clipped = q != qc if (self.gamma != 1.0 or self.quant_noise == "uniform") else None
-            e2 = qc.sub_(y).square_()  # squared error in units of delta^2
-            if self.quant_noise == "uniform":
-                e2 = torch.where(clipped, e2 * self.gamma, torch.full_like(e2, 1.0 / 12.0))
-            elif clipped is not None:
-                e2 = torch.where(clipped, e2.mul(self.gamma), e2)
+            e2 = self._bin_errors(y, ns)
             if e2.shape[0] == 1:
                 out[blk] = torch.matmul(e2[0], counts[blk][0]).unsqueeze(0)
             else:
                 out[blk] = e2.mul_(counts[blk, None, :]).sum(-1)
         return out * deltas**2
 
+    def _bin_errors(self, y: torch.Tensor, ns: int) -> torch.Tensor:
+        """Per-bin squared error in units of delta^2, float32, for y = midpoint / delta - offset: (clamp(round(y),
+        0, ns) - y)^2, times gamma where the rounding was clamped (quant_noise="uniform": 1/12 where it was not)."""
+        q = torch.round(y)
+        qc = q.clamp(0, ns)
+        clipped = q != qc if (self.gamma != 1.0 or self.quant_noise == "uniform") else None
+        e2 = qc.sub_(y).square_()
+        if self.quant_noise == "uniform":
+            return torch.where(clipped, e2 * self.gamma, torch.full_like(e2, 1.0 / 12.0))
+        if clipped is not None:
+            return torch.where(clipped, e2.mul(self.gamma), e2)
+        return e2
+
     def _noise_pairs(self, bins, rows: torch.Tensor, deltas: torch.Tensor, offsets: torch.Tensor, ns: int):
-        """expected_noise of the (row, candidate) pairs given by `rows` (P,) and their deltas, offsets (P,): the
-        per-bin float32 arithmetic of `_noise` (same ops, same sums over each row's bins), with no padding to the
-        longest row's number of candidates."""
+        """expected_noise of the (row, candidate) pairs given by `rows` (P,) and their deltas, offsets (P,): `_noise`'s
+        per-bin arithmetic and sum over each row's bins, with no padding to the longest row's number of candidates."""
         mids, counts, _ = bins
         out = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)
         for blk in _blocks(rows.shape[0], mids.shape[1], _SEARCH_BLOCK_ELEMENTS):
             r = rows[blk]
             y = mids[r].float().div_(deltas[blk].float()[:, None])
             y -= offsets[blk].float()[:, None]  # (p, B)
-            q = torch.round(y)
-            qc = q.clamp(0, ns)
-            clipped = q != qc if (self.gamma != 1.0 or self.quant_noise == "uniform") else None
-            e2 = qc.sub_(y).square_()
-            if self.quant_noise == "uniform":
-                e2 = torch.where(clipped, e2 * self.gamma, torch.full_like(e2, 1.0 / 12.0))
-            elif clipped is not None:
-                e2 = torch.where(clipped, e2.mul(self.gamma), e2)
-            out[blk] = e2.mul_(counts[r].float()).sum(-1)
+            out[blk] = self._bin_errors(y, ns).mul_(counts[r].float()).sum(-1)
         return out * deltas**2
 
     def _argmin_pairs(self, bins, alive: torch.Tensor, deltas: torch.Tensor, offsets: torch.Tensor, ns: int,
