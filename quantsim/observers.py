@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
+import sys
 import threading
 import weakref
 from collections import deque
@@ -169,6 +171,24 @@ def _single_threaded_ops() -> None:
             _omp_set_num_threads = False
 
 
+#: Niceness of the calibration worker (Linux): it runs on what the forward leaves idle (see _yield_to_forward).
+WORKER_NICE = 19
+
+
+def _yield_to_forward() -> None:
+    """Give this thread the lowest CPU priority (Linux, where nice is per thread); elsewhere nothing changes.
+
+    A forward op split over all cores ends when its slowest thread does: a worker that preempts one of them stalls
+    the whole op. Niced, the worker runs in the forward's gaps (Python between ops, single-threaded ops) and the
+    forward's threads are not preempted. If it falls behind, the forward's thread helps (see Background).
+    """
+    if sys.platform.startswith("linux") and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+        except OSError:
+            pass
+
+
 class Background:
     """Calibration work beside the forward: histogram updates and weight searches, on one worker thread.
 
@@ -237,6 +257,7 @@ class Background:
 
     def _work(self) -> None:
         _single_threaded_ops()
+        _yield_to_forward()
         while True:
             with self._cv:
                 item = self._next()

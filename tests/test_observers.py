@@ -1,6 +1,7 @@
 """Observers against independent references: torch.aminmax, numpy histograms/percentiles, a float64
 brute-force of AIMET's SQNR objective, and real quantize-dequantize errors."""
 import math
+import time
 
 import numpy as np
 import pytest
@@ -739,22 +740,40 @@ def test_background_error_drops_later_updates_and_is_raised():
 
 
 def test_background_worker_ops_are_single_threaded_and_the_callers_threads_unchanged():
-    """The worker splits no op over threads (the forward beside it already uses the cores); torch's thread count on
-    the calling thread is untouched."""
-    from quantsim.observers import Background
+    """The worker splits no op over threads (the forward beside it already uses the cores) and, on Linux, runs at the
+    lowest priority; torch's thread count and the priority of the calling thread are untouched."""
+    import os
+    import sys
+    import threading
 
+    from quantsim.observers import WORKER_NICE, Background
+
+    linux = sys.platform.startswith("linux")
     before = torch.get_num_threads()
+    nice_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) if linux else None
     seen = []
+
+    def probe():
+        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) if linux else None
+        seen.append((threading.current_thread().name, torch.get_num_threads(), nice))
+
     bg = Background(threads=True)
     try:
-        bg.run(lambda: seen.append(torch.get_num_threads()))
+        bg.run(probe)
+        deadline = time.monotonic() + 30
+        while not seen and time.monotonic() < deadline:  # this thread takes no job until join: the worker runs it
+            time.sleep(0.001)
         assert bg.map(lambda v: v * 2, [1, 2, 3]) == [2, 4, 6]
         bg.join()
     finally:
         bg.close()
     assert torch.get_num_threads() == before
+    assert seen and seen[0][0] == "quantsim-calibrate"
     if "parallel backend: OpenMP" in torch.__config__.parallel_info():
-        assert seen == [1]
+        assert seen[0][1] == 1
+    if linux:
+        assert seen[0][2] == max(WORKER_NICE, nice_before)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == nice_before
 
 
 def test_background_calibration_is_reproducible():
