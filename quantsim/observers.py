@@ -62,6 +62,10 @@ _PRUNE_MIN_BINS = 32
 #: The MSE search over symmetric candidates first evaluates every this many (see MseObserver.compute_range).
 _MSE_COARSE_STEP = 16
 
+#: A per-channel first batch with at most this many values per channel is binned straight into each channel's occupied
+#: bins (sorted bin numbers) instead of a full (C, B) histogram; the searches use those (see HistogramObserver._bin_rows).
+_SPARSE_MAX_ROW = 192
+
 #: Histogram bins per channel (AIMET v1's PDF_SIZE; AIMET v2's analyzers default to 2048, see docs/calibration.md).
 DEFAULT_NUM_BINS = 512
 
@@ -578,10 +582,37 @@ class HistogramObserver(Observer):
 
     def _reset_stats(self) -> None:
         self._scratch: set[_Workspace] = set()  # held while there are statistics (see _Workspace)
-        self._hist: torch.Tensor | None = None  # (C, B) float64 counts
+        self._counts: torch.Tensor | None = None  # (C, B) float64 counts (see _hist)
+        self._sparse: tuple[torch.Tensor, torch.Tensor] | None = None  # the same as occupied bins (see _bin_rows)
         # (C,) tensors per channel, Python floats per tensor (see Observer):
         self._vlo = self._vhi = None  # histogram range, lo <= 0 <= hi
         self._vcap_lo = self._vcap_hi = None  # limits of growth; cap_lo == cap_hi: not yet set
+
+    @property
+    def _hist(self) -> torch.Tensor | None:
+        """(C, B) float64 counts; built from the occupied bins when only those were kept (and then they are dropped:
+        the caller may change the counts in place)."""
+        if self._counts is None and self._sparse is not None:
+            index, counts = self._sparse
+            full = torch.zeros(index.shape[0], self.num_bins + 1, dtype=torch.float64, device=index.device)
+            self._counts = full.scatter_(1, index.long(), counts)[:, : self.num_bins].contiguous()  # pads: bin B
+            self._sparse = None
+        return self._counts
+
+    @_hist.setter
+    def _hist(self, value: torch.Tensor | None) -> None:
+        self._counts, self._sparse = value, None
+
+    def _occupied(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(bin numbers, counts) float64 of the occupied bins of channels `rows`, as `_compact` gives them on the
+        histogram, if the observer kept just those (a first batch of short rows, see `_bin_rows`); else None."""
+        if self._sparse is None:
+            return None
+        index, counts = self._sparse[0][rows], self._sparse[1][rows]
+        keep = int((counts > 0).sum(1).max())  # rows are left-aligned: the block's longest row
+        if keep == index.shape[1]:
+            return index, counts
+        return index[:, :keep].contiguous(), counts[:, :keep].contiguous()
 
     @property
     def _lo(self) -> torch.Tensor | None:
@@ -638,6 +669,21 @@ class HistogramObserver(Observer):
         if clip:
             pos.clamp_(0, nb)
         idx = pos.to(torch.int32)  # truncation; pos >= 0
+        n = data.shape[1]
+        if self._hist is None and n <= min(_SPARSE_MAX_ROW, 0.75 * nb):
+            # A first batch of short rows (weights: a depthwise kernel has 9 values) occupies few of the B bins: keep
+            # just those, each row's bin numbers in order with their counts, padded with (B, 0) like `_compact`.
+            # Sorting C x N bin numbers costs less than a (C, B) histogram and compacting it, for N up to ~200.
+            srt = idx.clamp_(max=nb - 1).sort(dim=1).values  # bin B (x == hi) is the last bin, as below
+            first = torch.ones(srt.shape, dtype=torch.bool, device=data.device)
+            torch.ne(srt[:, 1:], srt[:, :-1], out=first[:, 1:])
+            rank = first.cumsum(1).sub_(1)  # each value's position among its row's occupied bins
+            keep = int(rank[:, -1].max()) + 1
+            f64 = dict(dtype=torch.float64, device=data.device)
+            index = torch.full((c, keep), float(nb), **f64).scatter_(1, rank, srt.to(torch.float64))
+            counts = torch.zeros(c, keep, **f64).scatter_add_(1, rank, torch.ones(srt.shape, **f64))
+            self._sparse = (index, counts)
+            return
         idx += torch.arange(0, c * (nb + 1), nb + 1, dtype=torch.int32, device=data.device)[:, None]
         counts = torch.bincount(idx.reshape(-1), minlength=c * (nb + 1)).reshape(c, nb + 1)
         if self._hist is None:
@@ -854,16 +900,26 @@ def _occupied_bins(hist: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fract
     channel (a depthwise 3x3 kernel fills at most 9 of 512 bins).
     """
     c, nb = hist.shape
-    f64 = dict(dtype=torch.float64, device=hist.device)
-    w = (hi - lo) / nb
-    index, counts, order = torch.arange(nb, **f64).expand(c, nb), hist, None
     occupied = hist > 0
     per_row = occupied.sum(1)
     keep = int(per_row.max())
     if keep <= fraction * nb:  # else dropping the empty bins costs more than it saves
-        index, counts = _compact(hist, occupied, per_row, keep, float(nb))
-        order = index
-    return (lo + w / 2)[:, None] + w[:, None] * index, counts, order
+        return _midpoints(*_compact(hist, occupied, per_row, keep, float(nb)), lo, hi, nb)
+    mids, counts, _ = _midpoints(torch.arange(nb, dtype=torch.float64, device=hist.device).expand(c, nb), hist,
+                                 lo, hi, nb)
+    return mids, counts, None
+
+
+def _midpoints(index: torch.Tensor, counts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, nb: int):
+    """(mids, counts, order = index) of bins numbered `index` (C, L) float64 on nb equal bins of [lo, hi]."""
+    w = (hi - lo) / nb
+    return (lo + w / 2)[:, None] + w[:, None] * index, counts, index
+
+
+def _count_at(index: torch.Tensor, counts: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Count of bin b (C, K) on occupied bins (bin numbers `index`, ascending per row, with `counts`); 0 if empty."""
+    pos = torch.searchsorted(index, b.to(index.dtype)).clamp_(max=index.shape[1] - 1)
+    return torch.where(index.gather(1, pos) == b, counts.gather(1, pos), 0.0)
 
 
 def _compact(hist: torch.Tensor, occupied: torch.Tensor, per_row: torch.Tensor, keep: int, pad: float):
@@ -1069,7 +1125,8 @@ class SqnrObserver(HistogramObserver):
         amb = None
         if ambiguity:
             near, flag = _near_threshold(u, step, d, ns, nb)
-            amb = torch.where(flag, hist.gather(1, near.long()), 0.0)
+            at = hist.gather(1, near.long()) if order is None else _count_at(order, counts, near)
+            amb = torch.where(flag, at, 0.0)
             amb = (amb[:, :n_k] + amb[:, n_k:]) * 0.26
         # clipped bins [0, k_lo) and [k_hi, nb); at y = ns + 1/2 exactly round-half-even clips iff ns + 1 is even
         k = torch.cat([u[:, :n_k].ceil(), u[:, n_k:].ceil() if ns % 2 else u[:, n_k:].floor().add_(1)], 1)
@@ -1094,8 +1151,12 @@ class SqnrObserver(HistogramObserver):
         (or that one's exact noise) cannot be the minimum. Dropped candidates are worse than a kept one by
         more than float32 rounding of the sums (margin 1e-4), so the argmin and its tie-break are unchanged.
         """
-        hist = self._hist[rows]
-        bins = _occupied_bins(hist, lo, hi)
+        occupied = self._occupied(rows)
+        if occupied is None:
+            hist = self._hist[rows]
+            bins = _occupied_bins(hist, lo, hi)
+        else:  # the bins were kept as occupied bins only; every use of hist below goes through them
+            hist, bins = None, _midpoints(*occupied, lo, hi, self.num_bins)
         mids, counts, _ = bins
         c, n_k = deltas.shape
         dev = deltas.device
@@ -1257,10 +1318,16 @@ class _MseTable:
     depend on the table layout.
     """
 
-    def __init__(self, hist: torch.Tensor):
-        c, nb = hist.shape
+    def __init__(self, hist: torch.Tensor | None, num_bins: int, occupied: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`occupied`: the (bin numbers, counts) of the occupied bins as `_compact` gives them, if already known
+        (`HistogramObserver._occupied`); hist is then unused."""
+        nb = self.nb = num_bins
+        if occupied is not None:
+            self.index, self.counts = index, counts = occupied
+            self._prefix(index, counts)
+            return
+        c = hist.shape[0]
         f64 = dict(dtype=torch.float64, device=hist.device)
-        self.nb = nb
         occupied = hist > 0
         per_row = occupied.sum(1)
         keep = int(per_row.max())
@@ -1272,12 +1339,15 @@ class _MseTable:
             _prefix_sums(hist, index, self.p[:, :, : nb + 1])
             _prefix_sums(hist.flip(1), index, self.p[:, :, nb + 1:])
             return
-        index, counts = _compact(hist, occupied, per_row, keep, float(nb))  # padding: bin B, count 0
-        self.index, self.counts = index, counts
-        self.p = torch.empty(3, c, 2 * (keep + 1), **f64)
+        self.index, self.counts = _compact(hist, occupied, per_row, keep, float(nb))  # padding: bin B, count 0
+        self._prefix(self.index, self.counts)
+
+    def _prefix(self, index: torch.Tensor, counts: torch.Tensor) -> None:
+        c, keep = index.shape
+        self.p = torch.empty(3, c, 2 * (keep + 1), dtype=torch.float64, device=index.device)
         _prefix_sums(counts, index, self.p[:, :, : keep + 1])
         # mirrored: bin k' is bin B - 1 - k; the kept bins reversed, their (keep - occupied) zero pads first
-        _prefix_sums(counts.flip(1), (nb - 1) - index.flip(1), self.p[:, :, keep + 1:])
+        _prefix_sums(counts.flip(1), (self.nb - 1) - index.flip(1), self.p[:, :, keep + 1:])
 
     def _lookup(self, k: torch.Tensor, mirrored: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(table position of prefix sum k, count of bin k), k (C, K) bin numbers in [0, B] on the histogram
@@ -1372,10 +1442,14 @@ class MseObserver(HistogramObserver):
         out = torch.empty(deltas.shape, dtype=torch.float64, device=deltas.device)
         per_channel = max(deltas.shape[1], 4 * (self.num_bins + 1))
         for blk in _blocks(deltas.shape[0], per_channel, _TABLE_BLOCK_ELEMENTS):
-            table = _MseTable(self._hist[blk])
+            table = self._table(blk)
             clip, _, inside = table.parts(lo[blk], w[blk], deltas[blk], offsets[blk], num_steps)
             out[blk] = clip + inside
         return out
+
+    def _table(self, rows: slice) -> _MseTable:
+        occupied = self._occupied(rows)
+        return _MseTable(self._hist[rows] if occupied is None else None, self.num_bins, occupied)
 
     def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(lo, bin width) float64 (C,), (C, 1); a zero-width histogram holds only zeros: any grid represents
@@ -1408,7 +1482,7 @@ class MseObserver(HistogramObserver):
             interior = torch.ones(n_k, dtype=torch.bool, device=dev)
             interior[coarse] = False
         for blk in _blocks(c, max(n_k, 4 * (self.num_bins + 1)), _TABLE_BLOCK_ELEMENTS):
-            d, o, table = deltas[blk], offsets[blk], _MseTable(self._hist[blk])
+            d, o, table = deltas[blk], offsets[blk], self._table(blk)
             if coarse is None:
                 clip, _, inside = table.parts(lo[blk], w[blk], d, o, ns)
                 best[blk] = (clip + inside).argmin(dim=1, keepdim=True)

@@ -165,6 +165,40 @@ def test_histogram_counts_match_numpy(channel_axis):
         assert np.abs(counts[c].numpy() - ref).sum() <= 2  # float32 vs float64 binning at exact edges
 
 
+@pytest.mark.parametrize("n", [1, 9, 150])
+@pytest.mark.parametrize("scheme", [SqnrObserver, MseObserver])
+def test_short_rows_keep_only_occupied_bins_with_histc_counts(n, scheme):
+    """A first per-channel batch of short rows (weights) keeps only each channel's occupied bins; they are the bins
+    torch.histc fills (x == max in the last bin), and a second batch adds to them."""
+    x = torch.randn(40, n, generator=_gen(5)) * torch.rand(40, 1, generator=_gen(6))
+    x[0] = 0.0  # a channel of zeros: all in bin 0
+    x[1, 0] = 4.0  # the maximum exactly on the last edge
+    obs = scheme(channel_axis=0)
+    obs.update(x)
+    assert obs._sparse is not None and obs._counts is None
+    index, counts = obs._occupied(slice(None))
+    counts_full, lo, hi = obs.histogram()  # built from the occupied bins
+    assert obs._sparse is None
+    for c in range(40):
+        ref = torch.histc(x[c].double(), 512, float(lo[c]), float(hi[c])) if hi[c] > lo[c] else None
+        if ref is None:  # zero width: histc would spread the zeros; every value is in bin 0
+            ref = torch.zeros(512, dtype=torch.float64)
+            ref[0] = n
+        assert torch.equal(counts_full[c], ref), c
+        occupied = ref.nonzero().reshape(-1)
+        k = occupied.numel()
+        assert torch.equal(index[c, :k], occupied.double()) and torch.equal(counts[c, :k], ref[occupied])
+        assert (index[c, k:] == 512).all() and (counts[c, k:] == 0).all()  # padding, as _compact gives it
+    obs = scheme(channel_axis=0)
+    obs.update(x)
+    obs.update(x * 0.5)  # inside the first range: the same bins
+    both, lo2, hi2 = obs.histogram()
+    assert torch.equal(lo2, lo) and torch.equal(hi2, hi)
+    for c in range(1, 40):
+        ref = torch.histc(torch.cat([x[c], x[c] * 0.5]).double(), 512, float(lo[c]), float(hi[c]))
+        assert torch.equal(both[c], ref), c
+
+
 def test_histogram_growth_is_capped_and_mass_conserved():
     obs = PercentileObserver()
     obs.update(torch.linspace(-1.0, 1.0, 1001))  # first range [-1, 1], growth limit [-3, 3]
@@ -424,6 +458,8 @@ def _search_cases():
     weights = torch.randn(48, 9, generator=g) * torch.rand(48, 1, generator=g)
     wide = torch.randn(24, 300, generator=g) * torch.rand(24, 1, generator=g)
     wide[3, :3] = 9.0
+    short = torch.randn(40, 150, generator=g) * torch.rand(40, 1, generator=g)  # kept as occupied bins
+    short[5, :2] = -6.0
     act = torch.randn(20000, generator=g)
     act[:5] = torch.tensor([25.0, -12.0, 30.0, 18.0, -20.0])
     relu = (torch.randn(20000, generator=g) * 2).clamp(min=0)
@@ -431,7 +467,7 @@ def _search_cases():
     for bits in (8, 4, 2):
         for symmetric, strict in [(False, False), (True, False), (True, True)]:
             qmin, qmax = numerics.grid(bits, symmetric, strict)
-            cases += [(x, qmin, qmax, symmetric) for x in (on_grid, weights, wide, act, relu)]
+            cases += [(x, qmin, qmax, symmetric) for x in (on_grid, weights, wide, short, act, relu)]
         qmin, qmax = numerics.grid(bits, True, False, True)  # unsigned symmetric grid: nonnegative data
         cases.append((relu, qmin, qmax, True))
     return cases
@@ -445,10 +481,10 @@ def test_sqnr_pruned_search_equals_argmin_of_expected_noise(gamma):
         for num_bins in (512, 48):
             obs = SqnrObserver(None if x.dim() == 1 else 0, num_bins=num_bins, gamma=gamma)
             obs.update(x)
+            lo, hi = obs.compute_range(qmin, qmax, symmetric)  # on the occupied bins alone, for short rows
             deltas, offsets = obs.candidates(qmin, qmax, symmetric)
-            best = obs.expected_noise(deltas, offsets, qmax - qmin).argmin(dim=1, keepdim=True)
+            best = obs.expected_noise(deltas, offsets, qmax - qmin).argmin(dim=1, keepdim=True)  # full histogram
             delta, offset = deltas.gather(1, best).reshape(-1), offsets.gather(1, best).reshape(-1)
-            lo, hi = obs.compute_range(qmin, qmax, symmetric)
             assert torch.equal(lo.reshape(-1), (offset * delta).float())
             assert torch.equal(hi.reshape(-1), (offset * delta + (qmax - qmin) * delta).float())
 
@@ -596,14 +632,17 @@ def test_mse_search_equals_argmin_of_reference_error():
     """expected_error (blocked, prefix sums over occupied bins only when few are occupied) is bit-identical
     to the dense formulation, and compute_range (coarse-to-fine over symmetric candidates) is its argmin."""
     for x, qmin, qmax, symmetric in _search_cases():
-        obs = MseObserver(None if x.dim() == 1 else 0)
+        obs, sparse = MseObserver(None if x.dim() == 1 else 0), MseObserver(None if x.dim() == 1 else 0)
         obs.update(x)
+        sparse.update(x)
         deltas, offsets = obs.candidates(qmin, qmax, symmetric)
+        assert torch.equal(sparse.expected_error(deltas, offsets, qmax - qmin),  # occupied bins alone, short rows
+                           _mse_reference_error(obs, deltas, offsets, qmax - qmin))
+        lo, hi = sparse.compute_range(qmin, qmax, symmetric)
         ref = _mse_reference_error(obs, deltas, offsets, qmax - qmin)
         assert torch.equal(obs.expected_error(deltas, offsets, qmax - qmin), ref)
         best = ref.argmin(dim=1, keepdim=True)
         delta, offset = deltas.gather(1, best).reshape(-1), offsets.gather(1, best).reshape(-1)
-        lo, hi = obs.compute_range(qmin, qmax, symmetric)
         assert torch.equal(lo.reshape(-1), (offset * delta).float())
         assert torch.equal(hi.reshape(-1), (offset * delta + (qmax - qmin) * delta).float())
 
