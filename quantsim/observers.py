@@ -193,15 +193,27 @@ def _yield_to_forward() -> None:
             pass
 
 
+_lazy_clone = getattr(torch, "_lazy_clone", None)
+
+
+def _snapshot(x: torch.Tensor) -> torch.Tensor:
+    """x's values as they are now, for a queued update: a copy-on-write clone (torch._lazy_clone) shares x's memory
+    and costs nothing unless x is written later (a ReLU in place, say), when the writer gets its own copy first.
+    A plain clone where that is unavailable."""
+    if _lazy_clone is not None and x.layout == torch.strided:
+        return _lazy_clone(x)
+    return x.clone()
+
+
 class Background:
     """Calibration work beside the forward: histogram updates and weight searches, on one worker thread.
 
     The float forward of a small-kernel network (depthwise convolutions, small 1x1 layers) leaves cores idle;
     histogram updates (a serial counting loop) and the weights' encoding searches fill them. The worker takes
-    updates first, in submission order and each on a copy of its tensor (a later op may modify the original in
-    place), and weight searches (`run`) when no update waits. The submitting thread helps instead of idling:
-    once `max_pending` updates wait, it applies its own update on the spot (no copy needed) if its observer has
-    none waiting or running, else the oldest waiting update; at `join` it takes what is left. No two updates
+    updates first, in submission order and each on a snapshot of its tensor (a later op may modify the original in
+    place; see _snapshot), and weight searches (`run`) when no update waits. The submitting thread helps instead
+    of idling: once `max_pending` updates wait, it applies its own update on the spot if its observer has none
+    waiting or running, else the oldest waiting update; at `join` it takes what is left. No two updates
     of one observer ever run at once or out of order, so every observer sees its batches as a serial run gives
     them: the statistics are identical. The first error (e.g. NaN in a batch, naming the quantizer) is raised
     at the next submit or at `join`.
@@ -310,7 +322,7 @@ class Background:
                 with self._cv:
                     self._raise()
                 return
-        self._submit(self._updates, (key, fn, (x.clone(),)))
+        self._submit(self._updates, (key, fn, (_snapshot(x),)))
 
     def run(self, fn, *args) -> None:
         """Run `fn(*args)` (no gradients), independent of everything else."""

@@ -756,6 +756,31 @@ def test_background_keeps_each_observers_order_when_the_caller_helps():
         assert torch.equal(ha, hb) and torch.equal(loa, lob) and torch.equal(hia, hib)
 
 
+@pytest.mark.parametrize("write", ["add_", "relu_", "view", "out"])
+def test_background_update_sees_the_tensor_as_it_was_submitted(write):
+    """A queued update works on a snapshot: writing the tensor in place afterwards (as a later in-place op of the
+    forward may) leaves what the update sees unchanged, whichever way the write happens."""
+    import threading
+
+    from quantsim.observers import Background
+
+    x = torch.randn(1000, generator=_gen(3))
+    before = x.clone()
+    seen, gate = [], threading.Event()
+    bg = Background(max_pending=8, threads=True)
+    try:
+        bg.run(gate.wait)  # the worker is busy: the update below stays queued
+        bg.update("q", lambda t: seen.append(t.clone()), x)
+        {"add_": lambda: x.add_(1.0), "relu_": lambda: x.relu_(), "view": lambda: x[10:20].fill_(7.0),
+         "out": lambda: torch.mul(before, 3.0, out=x)}[write]()
+        gate.set()
+        bg.join()
+    finally:
+        gate.set()
+        bg.close()
+    assert torch.equal(seen[0], before) and not torch.equal(x, before)
+
+
 def test_background_error_drops_later_updates_and_is_raised():
     """After a failed update the later ones are not applied (a serial run would have stopped there)."""
     from quantsim.observers import Background
