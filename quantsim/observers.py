@@ -199,9 +199,13 @@ _lazy_clone = getattr(torch, "_lazy_clone", None)
 def _snapshot(x: torch.Tensor) -> torch.Tensor:
     """x's values as they are now, for a queued update: a copy-on-write clone (torch._lazy_clone) shares x's memory
     and costs nothing unless x is written later (a ReLU in place, say), when the writer gets its own copy first.
-    A plain clone where that is unavailable."""
+    A plain clone where that is unavailable, e.g. for memory torch did not allocate itself (numpy arrays, shared
+    memory, memory-mapped files), which torch cannot make copy-on-write."""
     if _lazy_clone is not None and x.layout == torch.strided:
-        return _lazy_clone(x)
+        try:
+            return _lazy_clone(x)
+        except RuntimeError:
+            pass
     return x.clone()
 
 

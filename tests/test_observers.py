@@ -756,15 +756,21 @@ def test_background_keeps_each_observers_order_when_the_caller_helps():
         assert torch.equal(ha, hb) and torch.equal(loa, lob) and torch.equal(hia, hib)
 
 
+@pytest.mark.parametrize("memory", ["torch", "numpy", "shared"])
 @pytest.mark.parametrize("write", ["add_", "relu_", "view", "out"])
-def test_background_update_sees_the_tensor_as_it_was_submitted(write):
+def test_background_update_sees_the_tensor_as_it_was_submitted(write, memory):
     """A queued update works on a snapshot: writing the tensor in place afterwards (as a later in-place op of the
-    forward may) leaves what the update sees unchanged, whichever way the write happens."""
+    forward may) leaves what the update sees unchanged, whichever way the write happens and whoever owns the memory
+    (a numpy array's or shared memory cannot be made copy-on-write)."""
     import threading
 
     from quantsim.observers import Background
 
     x = torch.randn(1000, generator=_gen(3))
+    if memory == "numpy":
+        x = torch.from_numpy(x.numpy().copy())
+    elif memory == "shared":
+        x = x.share_memory_()
     before = x.clone()
     seen, gate = [], threading.Event()
     bg = Background(max_pending=8, threads=True)
