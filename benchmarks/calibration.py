@@ -20,7 +20,8 @@ def run(quick: bool = False, models=("resnet18", "mobilenet_v2")) -> list[Table]
         ["model", "scheme", "ratio", "target", "ok", "peak mem ratio"],
         notes=[f"{n_batches} batches of {batch}; ratio = median over {repeats} rounds of compute_encodings time / the "
                "float forward timed just before it (schemes in rotating order); peak = tensor bytes allocated by the "
-               "calling thread (the calibration worker's copies' processing and scratch buffers are not counted)"],
+               "calling thread (the calibration worker's processing and scratch buffers, and the copies made when "
+               "a snapshotted tensor is written in place, are not counted)"],
         key="calibration",
     )
     for name in models:

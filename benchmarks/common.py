@@ -56,7 +56,8 @@ def paired_ratio_medians(baseline: Callable[[], object], fns: dict[str, Callable
 
 class _PeakTensorMemory(TorchDispatchMode):
     """Tracks the bytes of live tensor storages created by ops (autograd's saved tensors included); results that
-    alias an input (views, in-place ops) are not new allocations and are skipped."""
+    alias an input (views, in-place ops) are not new allocations and are skipped, and so are copy-on-write clones
+    (torch._lazy_clone shares memory; asking for its address would make the copy)."""
 
     def __init__(self):
         super().__init__()
@@ -86,9 +87,14 @@ class _PeakTensorMemory(TorchDispatchMode):
         for i, t in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
             if i < len(returns) and returns[i].alias_info is not None:
                 continue
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu"  and not _is_cow(t):
                 self._track(t)
         return out
+
+
+def _is_cow(t: torch.Tensor) -> bool:
+    check = getattr(torch._C, "_is_cow_tensor", None)
+    return bool(check is not None and check(t))
 
 
 def peak_tensor_bytes(fn: Callable[[], object]) -> int:

@@ -156,3 +156,26 @@ def test_paired_ratio_medians_pairs_each_call_with_the_baseline_just_before_it(m
     rounds = [calls[i:i + 4] for i in range(0, 16, 4)]
     assert [r[1::2] for r in rounds] == [["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]]
     assert all(r[0::2] == ["base", "base"] for r in rounds)
+
+
+def test_peak_tensor_bytes_counts_new_storages_once_and_not_views_or_copy_on_write_clones():
+    """Hand-counted: a 1000-float tensor is 4000 bytes; a view, an in-place op and a copy-on-write clone allocate
+    nothing; the peak is the most alive at once."""
+    import torch
+
+    from benchmarks.common import peak_tensor_bytes
+
+    base = torch.randn(1000)
+
+    def fn():
+        a = torch.empty(1000)  # 4000
+        b = a.view(10, 100).add_(1.0)  # alias: nothing
+        c = torch.ones(500, dtype=torch.float64)  # +4000 -> 8000 alive
+        if hasattr(torch, "_lazy_clone"):
+            e = torch._lazy_clone(base)  # shares base's memory: still 8000
+            del e
+        del a, b, c
+        d = torch.zeros(250)  # 1000 alive
+        del d
+
+    assert peak_tensor_bytes(fn) == 8000
