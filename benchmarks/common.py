@@ -87,7 +87,7 @@ class _PeakTensorMemory(TorchDispatchMode):
         for i, t in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
             if i < len(returns) and returns[i].alias_info is not None:
                 continue
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu"  and not _is_cow(t):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not _is_cow(t):
                 self._track(t)
         return out
 
