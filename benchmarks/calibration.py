@@ -14,7 +14,7 @@ TARGETS = {"min_max": 1.3, "tf_enhanced": 2.0, "percentile": 2.0, "mse": 2.0}
 
 def run(quick: bool = False, models=("resnet18", "mobilenet_v2")) -> list[Table]:
     n_batches, batch = (1, 4) if quick else (8, 16)
-    repeats, warmup = (1, 0) if quick else (5, 1)
+    repeats, warmup = (1, 0) if quick else (7, 1)
     table = Table(
         "calibration: compute_encodings time / float forward time (same batches)",
         ["model", "scheme", "ratio", "target", "ok", "peak mem ratio"],
