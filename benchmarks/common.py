@@ -92,9 +92,11 @@ class _PeakTensorMemory(TorchDispatchMode):
         return out
 
 
+_is_cow_tensor = getattr(torch._C, "_is_cow_tensor", None)
+
+
 def _is_cow(t: torch.Tensor) -> bool:
-    check = getattr(torch._C, "_is_cow_tensor", None)
-    return bool(check is not None and check(t))
+    return bool(_is_cow_tensor is not None and _is_cow_tensor(t))
 
 
 def peak_tensor_bytes(fn: Callable[[], object]) -> int:

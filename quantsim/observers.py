@@ -62,8 +62,9 @@ _PRUNE_MIN_BINS = 32
 #: The MSE search over symmetric candidates first evaluates every this many (see MseObserver.compute_range).
 _MSE_COARSE_STEP = 16
 
-#: A per-channel first batch with at most this many values per channel is binned straight into each channel's occupied
-#: bins (sorted bin numbers) instead of a full (C, B) histogram; the searches use those (see HistogramObserver._bin_rows).
+#: A per-channel first batch with at most this many values per channel is binned straight into each channel's
+#: occupied bins (sorted bin numbers) instead of a full (C, B) histogram; the searches use those (see
+#: HistogramObserver._bin_rows).
 _SPARSE_MAX_ROW = 192
 
 #: Histogram bins per channel (AIMET v1's PDF_SIZE; AIMET v2's analyzers default to 2048, see docs/calibration.md).
@@ -390,9 +391,9 @@ class _Workspace:
     """Scratch buffers for the binning of large inputs, reused from batch to batch.
 
     A fresh temporary the size of an activation costs a page fault per 4 KiB on first touch, which on
-    some machines costs more than the arithmetic done in it. Histogram observers hold the workspaces of
-    the threads that updated them while they have statistics and drop them on reset (quantizers reset their observer once the
-    encoding is set), so the buffers are freed when calibration ends.
+    some machines costs more than the arithmetic done in it. Histogram observers hold the workspaces of the
+    threads that updated them while they have statistics and drop them on reset (quantizers reset their
+    observer once the encoding is set), so the buffers are freed when calibration ends.
     """
 
     def __init__(self):
@@ -932,10 +933,12 @@ def _midpoints(index: torch.Tensor, counts: torch.Tensor, lo: torch.Tensor, hi: 
     return (lo + w / 2)[:, None] + w[:, None] * index, counts, index
 
 
-def _count_at(index: torch.Tensor, counts: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Count of bin b (C, K) on occupied bins (bin numbers `index`, ascending per row, with `counts`); 0 if empty."""
-    pos = torch.searchsorted(index, b.to(index.dtype)).clamp_(max=index.shape[1] - 1)
-    return torch.where(index.gather(1, pos) == b, counts.gather(1, pos), 0.0)
+def _count_at(index: torch.Tensor, counts: torch.Tensor, b: torch.Tensor, at: torch.Tensor | None = None):
+    """Count of bin b (C, K) on occupied bins (bin numbers `index`, ascending per row, with `counts`); 0 if empty.
+    `at`: the positions in `index` where bin b would be, if already searched (default: the first not below b)."""
+    if at is None:
+        at = torch.searchsorted(index, b.to(index.dtype)).clamp_(max=index.shape[1] - 1)
+    return torch.where(index.gather(1, at) == b, counts.gather(1, at), 0.0)
 
 
 def _compact(hist: torch.Tensor, occupied: torch.Tensor, per_row: torch.Tensor, keep: int, pad: float):
@@ -1334,7 +1337,8 @@ class _MseTable:
     depend on the table layout.
     """
 
-    def __init__(self, hist: torch.Tensor | None, num_bins: int, occupied: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(self, hist: torch.Tensor | None, num_bins: int,
+                 occupied: tuple[torch.Tensor, torch.Tensor] | None = None):
         """`occupied`: the (bin numbers, counts) of the occupied bins as `_compact` gives them, if already known
         (`HistogramObserver._occupied`); hist is then unused."""
         nb = self.nb = num_bins
@@ -1379,8 +1383,7 @@ class _MseTable:
         else:  # kept bins below b
             pos = torch.searchsorted(self.index, b.to(torch.float64))
             at = pos.clamp(max=keep - 1)
-        hit = self.index.gather(1, at) == b
-        return pos, torch.where(hit, self.counts.gather(1, at), 0.0)
+        return pos, _count_at(self.index, self.counts, b, at)
 
     def parts(self, lo: torch.Tensor, w: torch.Tensor, d: torch.Tensor, o: torch.Tensor, ns: int):
         """(clip term, inside count, inside term), each (C, K), for grids (delta d, offset o): the expected
